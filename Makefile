@@ -1,0 +1,30 @@
+# Targets for setting up, testing and running mars-m-exp. `make help` lists them.
+PYTHON ?= .venv/bin/python
+PIP ?= .venv/bin/pip
+# Torch's CPU wheel is pinned so a plain install does not pull a multi-GB CUDA build; on a
+# GPU machine install the CUDA build of your choice first and run `make setup TORCH=`.
+TORCH ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-fast quickstart clean-runs
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-22s %s\n", $$1, $$2}'
+
+setup: ## Create .venv and install the project with its test tools
+	python3 -m venv .venv
+	$(PIP) install --upgrade pip
+	$(if $(TORCH),$(PIP) install "$(TORCH)")
+	$(PIP) install -e ".[dev]"
+
+test: ## Run the whole test suite (about 10 minutes on 2 CPU cores)
+	$(PYTHON) -m pytest
+
+test-fast: ## Run the tests without the slow end-to-end ones
+	$(PYTHON) -m pytest -m "not slow"
+
+quickstart: ## Train the tiny model with MARS-M on the embedded corpus (CPU, a few minutes)
+	$(PYTHON) -m mars_m_exp +model=tiny +optim=mars_m +experiment=quickstart
+
+clean-runs: ## Delete the runs/ and sweeps/ output folders
+	rm -rf runs sweeps

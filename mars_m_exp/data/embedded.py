@@ -1,0 +1,154 @@
+"""The default corpus: text every Python installation carries, tokenized on first use.
+
+The source is the reference documentation bundled as `pydoc_data.topics` (about 465 kB
+of English prose and code), or a folder of the user's own `.txt` / `.jsonl` files. The
+documents are tokenized with GPT-2's BPE, every `round(1 / val_fraction)`-th document is
+held out for validation, and both splits are written as token shards next to a
+`manifest.json`. The manifest is written last, so a folder with a manifest whose
+fingerprint matches is complete and is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .shards import write_shard
+from .tokenizer import encode_document
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+# Bump when the preparation changes what it writes, so stale caches are rebuilt.
+PREPARATION_VERSION = 1
+
+
+class CorpusError(ValueError):
+    pass
+
+
+def iter_pydoc_documents() -> Iterator[str]:
+    """Yield the topics of Python's bundled reference documentation, in key order."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+
+
+def _text_files(text_path: Path) -> list[Path]:
+    if not text_path.exists():
+        raise CorpusError(f"data.text_path {text_path} does not exist; point it at a folder of .txt/.jsonl files")
+    if text_path.is_file():
+        files = [text_path]
+    else:
+        files = sorted(p for p in text_path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    if not files:
+        raise CorpusError(f"data.text_path {text_path} contains no .txt or .jsonl files")
+    return files
+
+
+def iter_text_documents(text_path: Path) -> Iterator[str]:
+    """Yield documents from a folder: a `.txt` file is one document, a `.jsonl` line's "text" another."""
+    for path in _text_files(text_path):
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+            continue
+        with path.open(encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(f"{path}:{line_number} is not valid JSON: {exc.msg}") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise CorpusError(f'{path}:{line_number} has no string field "text"')
+                yield record["text"]
+
+
+def _fingerprint(text_path: Path | None, val_fraction: float) -> dict:
+    if text_path is None:
+        source = {"kind": "pydoc_data.topics", "python": sys.version.split()[0]}
+        digest = hashlib.sha256()
+        for document in iter_pydoc_documents():
+            digest.update(document.encode("utf-8"))
+        source["sha256"] = digest.hexdigest()
+    else:
+        source = {"kind": "text_path", "path": str(text_path.resolve())}
+        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _text_files(text_path)]
+        source["files_sha256"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return {
+        "preparation_version": PREPARATION_VERSION,
+        "tokenizer": "tiktoken/gpt2",
+        "val_fraction": val_fraction,
+        "source": source,
+    }
+
+
+def default_embedded_path(cache_dir: str, text_path: str | None, val_fraction: float) -> Path:
+    """Return the cache folder for a source: a hash of its fingerprint under `cache_dir`."""
+    fingerprint = _fingerprint(Path(text_path) if text_path else None, val_fraction)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / f"embedded-{key}"
+
+
+def prepare_embedded(out_dir: str | os.PathLike, text_path: str | None = None, val_fraction: float = 0.1) -> Path:
+    """Tokenize the embedded corpus (or `text_path`) into shards in `out_dir`, unless done already.
+
+    Returns `out_dir`. A folder that holds a manifest for another source raises CorpusError
+    rather than being overwritten.
+    """
+    out_dir = Path(out_dir)
+    source_path = Path(text_path) if text_path else None
+    fingerprint = _fingerprint(source_path, val_fraction)
+
+    manifest_path = out_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text())
+        if existing.get("fingerprint") == fingerprint:
+            return out_dir
+        raise CorpusError(
+            f"{out_dir} already holds a corpus prepared from another source or setting; "
+            "point data.path at an empty folder or delete that one"
+        )
+
+    documents = iter_pydoc_documents() if source_path is None else iter_text_documents(source_path)
+    every = max(2, round(1.0 / val_fraction))
+    train_tokens: list[int] = []
+    val_tokens: list[int] = []
+    num_documents = 0
+    for index, document in enumerate(documents):
+        tokens = encode_document(document)
+        (val_tokens if index % every == 0 else train_tokens).extend(tokens)
+        num_documents += 1
+    if not train_tokens or not val_tokens:
+        raise CorpusError(
+            f"the corpus has {num_documents} documents, too few to hold out every {every}th for validation "
+            "and keep the rest for training; add documents or raise data.val_fraction"
+        )
+
+    log.info("writing %d train and %d validation tokens from %d documents to %s", len(train_tokens), len(val_tokens), num_documents, out_dir)
+    write_shard(out_dir / "embedded_val_000000.bin", np.array(val_tokens, dtype=np.uint16))
+    write_shard(out_dir / "embedded_train_000000.bin", np.array(train_tokens, dtype=np.uint16))
+
+    manifest = {
+        "fingerprint": fingerprint,
+        "documents": num_documents,
+        "shards": {
+            "embedded_val_000000.bin": len(val_tokens),
+            "embedded_train_000000.bin": len(train_tokens),
+        },
+    }
+    fd, tmp_name = tempfile.mkstemp(prefix=".manifest.", dir=out_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp_name, manifest_path)
+    return out_dir

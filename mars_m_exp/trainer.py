@@ -1,0 +1,391 @@
+"""The training loop: micro-batches with accumulation, clipping, the optimizer step, evaluation,
+metrics and checkpoints, resumed automatically from the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from .checkpoint import BEST_NAME, LATEST_NAME, copy_checkpoint, load_checkpoint, save_checkpoint, unwrap_state_dict
+from .config import Config, ConfigError, grad_accum_steps
+from .data import build_data
+from .distributed import DistEnv, all_reduce_mean, init_distributed, shutdown_distributed
+from .metrics import MetricsWriter, peak_flops, start_wandb
+from .model import GPT, GPTConfig
+from .optim import build_optimizer
+from .plots import plot_losses
+from .schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+# Keys whose change makes a checkpoint unusable for the run (its tensors or its meaning).
+RESUME_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size", "optim.name")
+
+
+class StopRequest:
+    """Record SIGTERM / SIGINT so the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        # A second Ctrl-C interrupts at once.
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0
+    best_val_loss: float = math.inf
+    elapsed_s: float = 0.0  # training time, evaluation excluded
+
+
+def _autocast(device: torch.device, dtype_name: str):
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    if dtype == torch.float32:
+        return contextlib.nullcontext, dtype
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), dtype
+
+
+def _checkpoint_matches(saved_cfg: dict, cfg_dict: dict) -> list[str]:
+    mismatches = []
+    for key in RESUME_KEYS:
+        group, name = key.split(".")
+        saved = saved_cfg.get(group, {}).get(name)
+        current = cfg_dict.get(group, {}).get(name)
+        if saved != current:
+            mismatches.append(f"{key}: checkpoint {saved!r}, config {current!r}")
+    return mismatches
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, launch_dir: Path, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.env = env
+        self.device = env.device
+        self.cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        trainer_cfg = cfg.trainer
+
+        self.accum_steps = grad_accum_steps(trainer_cfg.global_batch_size, trainer_cfg.micro_batch_size, env.world_size)
+        self.tokens_per_step = trainer_cfg.global_batch_size * cfg.model.block_size
+        self.exact_mars_m = cfg.optim.name == "mars_m" and not cfg.optim.is_approx
+
+        if cfg.hardware.cpu_threads:
+            torch.set_num_threads(cfg.hardware.cpu_threads)
+        torch.manual_seed(cfg.seed)
+
+        self.data = build_data(
+            cfg.data,
+            block_size=cfg.model.block_size,
+            global_batch_size=trainer_cfg.global_batch_size,
+            eval_iters=trainer_cfg.eval_iters,
+            micro_batch_size=trainer_cfg.micro_batch_size,
+            seed=cfg.seed,
+            launch_dir=launch_dir,
+        )
+
+        model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+        self.raw_model = GPT(GPTConfig(**{k: getattr(cfg.model, k) for k in model_fields})).to(self.device)
+        self.optimizer = build_optimizer(cfg.optim, self.raw_model, self.device.type)
+
+        compile_model = trainer_cfg.compile
+        if compile_model is None:
+            compile_model = {"on": True, "off": False, "auto": self.device.type == "cuda"}[cfg.hardware.compile]
+        self.model: torch.nn.Module = torch.compile(self.raw_model) if compile_model else self.raw_model
+        if env.is_distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.autocast, self.autocast_dtype = _autocast(self.device, cfg.hardware.dtype)
+        self.peak_flops = peak_flops(self.device, cfg.hardware.peak_flops)
+        self.flops_per_token = self.raw_model.flops_per_token()
+        self.compiled = compile_model
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {
+            "model": unwrap_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "best_val_loss": self.state.best_val_loss,
+            "elapsed_s": self.state.elapsed_s,
+            "sampler": self.data.train.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+            "config": self.cfg_dict,
+        }
+
+    def save(self) -> None:
+        if not self.env.is_main:
+            return
+        save_checkpoint(self.checkpoint_state(), self.checkpoint_dir / LATEST_NAME)
+        log.info("saved checkpoint at step %d to %s", self.state.step, self.checkpoint_dir / LATEST_NAME)
+
+    def maybe_resume(self) -> None:
+        latest = self.checkpoint_dir / LATEST_NAME
+        if not self.cfg.resume or not latest.exists():
+            if latest.exists():
+                log.info("resume=false: starting from step 0; %s will be overwritten", latest)
+            return
+
+        checkpoint = load_checkpoint(latest, map_location=self.device)
+        mismatches = _checkpoint_matches(checkpoint["config"], self.cfg_dict)
+        if mismatches:
+            raise ConfigError(
+                f"{latest} was written by a different config ({'; '.join(mismatches)}); "
+                "pass resume=false to start over in this directory, or choose another run directory"
+            )
+
+        self.raw_model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.data.train.load_state_dict(checkpoint["sampler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        if checkpoint["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), self.device)
+        self.state = TrainState(
+            step=checkpoint["step"],
+            tokens=checkpoint["tokens"],
+            best_val_loss=checkpoint["best_val_loss"],
+            elapsed_s=checkpoint["elapsed_s"],
+        )
+        log.info("resumed from %s at step %d (%d tokens seen)", latest, self.state.step, self.state.tokens)
+
+    # ------------------------------------------------------------------ steps
+
+    def _micro_steps(self, step: int):
+        """Yield (inputs, targets, sync) for each micro-batch of `step` on this rank."""
+        for micro_step in range(self.accum_steps):
+            x, y = self.data.train.micro_batch(
+                step, micro_step, self.cfg.trainer.micro_batch_size, self.env.rank, self.env.world_size
+            )
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), micro_step == self.accum_steps - 1
+
+    def _accumulate_gradients(self, step: int) -> torch.Tensor:
+        """Run forward/backward over the micro-batches of `step`; return the mean loss (on device)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y, sync in self._micro_steps(step):
+            # DDP all-reduces only on the last micro-batch; no_sync must wrap the forward too.
+            no_sync = self.model.no_sync() if self.env.is_distributed and not sync else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                (loss / self.accum_steps).backward()
+            loss_sum += loss.detach()
+        return loss_sum / self.accum_steps
+
+    def _clip_gradients(self) -> torch.Tensor:
+        max_norm = self.cfg.trainer.grad_clip if self.cfg.trainer.grad_clip > 0 else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.cfg.trainer.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        if self.exact_mars_m:
+            # Exact MARS-M needs g_prev = the next step's batch at these weights, computed
+            # before they change; the reference trainer clips it like the main gradient.
+            self._accumulate_gradients(step + 1)
+            self._clip_gradients()
+            self.optimizer.update_previous_grad()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        loss = self._accumulate_gradients(step)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.exact_mars_m:
+            self.optimizer.update_last_grad()
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = 0
+        for x, y in self.data.val.batches(self.env.rank, self.env.world_size):
+            with self.autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            total += loss
+            count += 1
+        self.model.train()
+        stats = torch.stack([total, torch.tensor(float(count), device=self.device)])
+        all_reduce_mean(stats, self.env)
+        return (stats[0] / stats[1]).item()
+
+    # ------------------------------------------------------------------ loop
+
+    def _log_start(self) -> None:
+        cfg = self.cfg
+        log.info(
+            "torch %s on %s (%s autocast, compile %s), %d process(es)",
+            torch.__version__,
+            self.device,
+            str(self.autocast_dtype).replace("torch.", ""),
+            "on" if self.compiled else "off",
+            self.env.world_size,
+        )
+        log.info(
+            "model %s: %.2fM parameters; optimizer %s, lr %g",
+            cfg.model.name,
+            self.raw_model.num_params() / 1e6,
+            cfg.optim.name + ("" if not hasattr(cfg.optim, "is_approx") else (" (approximate)" if cfg.optim.is_approx else " (exact)")),
+            cfg.optim.lr,
+        )
+        # Batch arithmetic: global batch = micro-batch x accumulation steps x world size.
+        log.info(
+            "batch: %d sequences/step = %d micro x %d accumulation x %d processes; %d tokens/step",
+            cfg.trainer.global_batch_size,
+            cfg.trainer.micro_batch_size,
+            self.accum_steps,
+            self.env.world_size,
+            self.tokens_per_step,
+        )
+        if self.exact_mars_m:
+            log.info("exact MARS-M: 2 gradient evaluations per step (%d forward/backward passes per rank)", 2 * self.accum_steps)
+
+    def _eval_and_record(self, metrics: MetricsWriter | None) -> float:
+        val_loss = self.evaluate()
+        improved = val_loss < self.state.best_val_loss
+        if improved:
+            self.state.best_val_loss = val_loss
+        if self.env.is_main:
+            log.info("step %d | val loss %.4f%s", self.state.step, val_loss, " (best)" if improved else "")
+            metrics.write("eval", step=self.state.step, tokens=self.state.tokens, val_loss=val_loss, elapsed_s=self.state.elapsed_s)
+        return val_loss
+
+    def fit(self) -> TrainState:
+        cfg = self.cfg.trainer
+        self.maybe_resume()
+        self._log_start()
+
+        metrics = None
+        if self.env.is_main:
+            wandb_run = start_wandb(self.cfg_dict, self.cfg.logger.wandb, self.run_dir, self.run_dir.name)
+            metrics = MetricsWriter(self.run_dir, wandb_run)
+
+        stop = StopRequest()
+        stop.install()
+        try:
+            if self.state.step == 0:
+                self._eval_and_record(metrics)
+            self._loop(metrics, stop)
+        finally:
+            stop.restore()
+            if metrics is not None:
+                metrics.close()
+                plot_losses(metrics.path, self.run_dir / "loss.png", title=f"{self.cfg.model.name} / {self.cfg.optim.name}")
+        return self.state
+
+    def _loop(self, metrics: MetricsWriter | None, stop: StopRequest) -> None:
+        cfg = self.cfg.trainer
+        interval_start = time.perf_counter()
+        interval_steps = 0
+
+        while self.state.step < cfg.max_steps:
+            step_start = time.perf_counter()
+            loss, grad_norm = self.train_step(self.state.step)
+            self.state.step += 1
+            self.state.tokens += self.tokens_per_step
+            self.state.elapsed_s += time.perf_counter() - step_start
+            interval_steps += 1
+            step = self.state.step
+
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                loss_value = all_reduce_mean(loss, self.env).item()
+                interval_s = time.perf_counter() - interval_start
+                self._log_train(metrics, loss_value, grad_norm.item(), interval_steps, interval_s)
+                interval_start = time.perf_counter()
+                interval_steps = 0
+
+            evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            if evaluated:
+                eval_start = time.perf_counter()
+                val_loss = self._eval_and_record(metrics)
+                interval_start += time.perf_counter() - eval_start  # keep evaluation out of tokens/s
+
+            if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop.signal_name or evaluated:
+                self.save()
+                if evaluated and self.env.is_main and val_loss <= self.state.best_val_loss:
+                    copy_checkpoint(self.checkpoint_dir / LATEST_NAME, self.checkpoint_dir / BEST_NAME)
+
+            if stop.signal_name:
+                log.warning("%s received: stopped at step %d after saving a checkpoint; rerun the same command to resume", stop.signal_name, step)
+                raise SystemExit(128 + getattr(signal, stop.signal_name).value)
+
+    def _log_train(self, metrics: MetricsWriter | None, loss: float, grad_norm: float, steps: int, seconds: float) -> None:
+        if not self.env.is_main:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        tokens_per_s = steps * self.tokens_per_step / seconds
+        ms_per_step = 1000 * seconds / steps
+        mfu = None
+        if self.peak_flops:
+            passes = 2 if self.exact_mars_m else 1
+            mfu = tokens_per_s * passes * self.flops_per_token / (self.peak_flops * self.env.world_size)
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.state.elapsed_s))
+        log.info(
+            "step %d/%d | loss %.4f | lr %.3e | grad norm %.3f | %s tok/s | %.1f ms/step%s | elapsed %s",
+            self.state.step,
+            self.cfg.trainer.max_steps,
+            loss,
+            lr,
+            grad_norm,
+            f"{tokens_per_s:,.0f}",
+            ms_per_step,
+            f" | MFU {100 * mfu:.1f}%" if mfu is not None else "",
+            elapsed,
+        )
+        metrics.write(
+            "train",
+            step=self.state.step,
+            tokens=self.state.tokens,
+            train_loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tokens_per_s,
+            ms_per_step=ms_per_step,
+            mfu=mfu,
+            elapsed_s=self.state.elapsed_s,
+        )
+
+
+def run_training(cfg: Config, run_dir: Path, launch_dir: Path) -> TrainState:
+    """Train the configured model in `run_dir`; the entry point that every launcher calls."""
+    env = init_distributed(cfg.hardware.device)
+    try:
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
+        trainer = Trainer(cfg, run_dir, launch_dir, env)
+        return trainer.fit()
+    finally:
+        shutdown_distributed()
