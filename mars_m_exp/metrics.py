@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def start_wandb(cfg_dict: dict, wandb_cfg, run_dir: Path, run_name: str):
     if id_file.exists():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
     return wandb.init(
         project=wandb_cfg.project,
