@@ -28,3 +28,12 @@ quickstart: ## Train the tiny model with MARS-M on the embedded corpus (CPU, a f
 
 clean-runs: ## Delete the runs/ and sweeps/ output folders
 	rm -rf runs sweeps
+
+# Extra options go in DATA_ARGS, for example DATA_ARGS="--sample sample-10BT --num-proc 32";
+# `python -m data_prep.prepare --help` lists them. Rerunning a target resumes it.
+.PHONY: data-openwebtext data-fineweb-edu
+data-openwebtext: ## Tokenize OpenWebText into data/openwebtext (about 18 GB of shards; see README)
+	$(PYTHON) -m data_prep.prepare openwebtext --out data/openwebtext $(DATA_ARGS)
+
+data-fineweb-edu: ## Tokenize FineWeb-Edu sample-100BT into data/fineweb_edu (about 200 GB of shards; see README)
+	$(PYTHON) -m data_prep.prepare fineweb_edu --out data/fineweb_edu $(DATA_ARGS)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .embedded import default_embedded_path, prepare_embedded
 from .loader import RandomWindowSampler, TokenWindows, ValidationWindows, find_shards
+from .shards import ShardError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ def prepare_data(data_cfg, launch_dir: Path) -> Path:
         return prepare_embedded(path, text_path, data_cfg.val_fraction)
     if path is None:
         raise ValueError(f"data.path is not set for data={data_cfg.name}; point it at the folder of token shards")
+    if not path.is_dir():
+        raise ShardError(
+            f"data.path {path} for data={data_cfg.name} is not a folder; prepare the shards with "
+            f"`python -m data_prep.prepare {data_cfg.name} --out {path}` (openwebtext, fineweb_edu), or point "
+            "data.path at a folder of llm.c / modded-nanogpt shards or nanoGPT's train.bin and val.bin"
+        )
     return path
 
 

@@ -9,6 +9,8 @@ run draws exactly the batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .shards import ShardError, open_shard
+from .shards import MANIFEST_NAME, ShardError, open_shard
+
+log = logging.getLogger(__name__)
 
 # Validation windows use their own seed so runs with different `seed` values are evaluated
 # on the same tokens.
@@ -24,32 +28,60 @@ VALIDATION_SEED = 0x5EED
 
 
 def find_shards(folder: str | os.PathLike, split: str) -> list[Path]:
-    """Return the sorted `.bin` files of a split ("train" or "val") in `folder`."""
+    """Return the sorted `.bin` files of a split ("train" or "val") in `folder`.
+
+    A folder whose manifest.json records an unfinished preparation is rejected, so a run
+    never trains on the shards written before a preparation was interrupted.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ShardError(f"data.path {folder} is not a folder; prepare the data or point data.path at the shard folder")
+    _check_preparation_finished(folder)
     shards = sorted(p for p in folder.iterdir() if p.suffix == ".bin" and split in p.name and p.is_file())
     if not shards:
         raise ShardError(f"no {split} shards (*{split}*.bin) in {folder}; prepare the data first")
     return shards
 
 
+def _check_preparation_finished(folder: Path) -> None:
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return  # shards made by llm.c, modded-nanogpt or nanoGPT come without a manifest
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{manifest_path} is not valid JSON ({exc.msg}); prepare the data again") from None
+    # Only the data_prep manifests carry "complete"; the embedded corpus writes its manifest last.
+    if manifest.get("complete") is False:
+        raise ShardError(
+            f"the preparation of {folder} has not finished ({len(manifest.get('shards', []))} shards so far); "
+            "rerun the same data_prep command to complete it"
+        )
+
+
 class TokenWindows:
-    """All windows of `block_size + 1` tokens across a list of shards, addressed by one index."""
+    """All windows of `block_size + 1` tokens across a list of shards, addressed by one index.
+
+    A shard shorter than a window (such as the last, partial shard of a preparation)
+    contributes no windows. At least one shard must hold a whole window.
+    """
 
     def __init__(self, paths: Sequence[Path], block_size: int) -> None:
         self.paths = list(paths)
         self.block_size = block_size
         self.shards = [open_shard(p) for p in self.paths]
 
-        starts_per_shard = []
-        for path, tokens in zip(self.paths, self.shards):
-            if len(tokens) < block_size + 1:
-                raise ShardError(
-                    f"token file {path} has {len(tokens)} tokens, fewer than model.block_size + 1 = {block_size + 1}; "
-                    "lower model.block_size or use more text"
-                )
-            starts_per_shard.append(len(tokens) - block_size)
+        starts_per_shard = [max(0, len(tokens) - block_size) for tokens in self.shards]
+        if not any(starts_per_shard):
+            sizes = ", ".join(f"{path} has {len(tokens)} tokens" for path, tokens in zip(self.paths[:3], self.shards))
+            more = f" and {len(self.paths) - 3} more files" if len(self.paths) > 3 else ""
+            raise ShardError(
+                f"{sizes}{more}, fewer than model.block_size + 1 = {block_size + 1}; "
+                "lower model.block_size or use more text"
+            )
+        short = [path.name for path, starts in zip(self.paths, starts_per_shard) if not starts]
+        if short:
+            log.warning("%d shard(s) shorter than %d tokens are not sampled: %s", len(short), block_size + 1, ", ".join(short))
         self.cumulative_starts = np.cumsum(starts_per_shard)
 
     @property
@@ -100,9 +132,40 @@ class RandomWindowSampler:
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "position": self.position, "global_batch_size": self.global_batch_size}
+        """Return what a checkpoint needs to continue the same batch sequence.
+
+        The batches of step s are drawn from a generator seeded with (seed, s), so the
+        seed and the next step are the whole random state. The window count identifies
+        the training data, so a resume on other data is detected.
+        """
+        return {
+            "seed": self.seed,
+            "position": self.position,
+            "global_batch_size": self.global_batch_size,
+            "num_windows": self.windows.num_windows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the seed and position; warn when the batch size or the data changed.
+
+        Either change makes the resumed batches differ from those of an uninterrupted run.
+        """
+        if int(state["global_batch_size"]) != self.global_batch_size:
+            log.warning(
+                "the checkpoint drew %s sequences per step and this run draws %d, so the resumed batches "
+                "differ from an uninterrupted run's",
+                state["global_batch_size"],
+                self.global_batch_size,
+            )
+        # Checkpoints written before the window count was saved lack the key.
+        if "num_windows" in state and int(state["num_windows"]) != self.windows.num_windows:
+            log.warning(
+                "the training shards in %s changed since the checkpoint was written (%s windows then, %d now), "
+                "so the resumed batches differ from an uninterrupted run's",
+                self.windows.paths[0].parent,
+                state["num_windows"],
+                self.windows.num_windows,
+            )
         self.seed = int(state["seed"])
         self.position = int(state["position"])
 

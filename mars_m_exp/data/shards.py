@@ -11,9 +11,11 @@ recognised by their name and read whole.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
+import uuid
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -24,6 +26,10 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKEN_ID = np.iinfo(np.uint16).max
 
+# The file that data_prep and the embedded corpus write beside their shards: the source,
+# tokenizer and token count of every shard.
+MANIFEST_NAME = "manifest.json"
+
 # File names that nanoGPT's prepare scripts write without a header.
 HEADERLESS_NAMES = frozenset({"train.bin", "val.bin"})
 
@@ -32,12 +38,36 @@ class ShardError(ValueError):
     """A shard file that is missing, truncated or not in the expected format."""
 
 
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write `tokens` as a shard at `path`, atomically.
+def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes]) -> str:
+    """Write `chunks` to `path` atomically and return the SHA-256 hex digest of the file.
 
     The data goes to a temporary file in the same folder, is flushed to disk and then
-    renamed over `path`, so a crash never leaves a partial shard under the final name.
+    renamed over `path`, so a crash never leaves a partial file under the final name.
+    The temporary name starts with "." and ends with ".tmp".
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    # os.open with mode 0o666 lets the umask set the permissions, as for any new file;
+    # tempfile.mkstemp would make the file readable by its owner only.
+    tmp_name = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
+    """Write `tokens` as a shard at `path`, atomically; return the file's SHA-256 hex digest."""
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -52,19 +82,16 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     header[0] = SHARD_MAGIC
     header[1] = SHARD_VERSION
     header[2] = tokens.size
+    return write_atomic(path, [header.tobytes(), tokens.astype(TOKEN_DTYPE, copy=False).tobytes()])
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the SHA-256 hex digest of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_header(path: str | os.PathLike) -> int:
