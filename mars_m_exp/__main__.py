@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from omegaconf import DictConfig
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, register_configs, resolve_config
+from .distributed import process_rank
 from .data.embedded import CorpusError
 from .data.shards import ShardError
 from .data.tokenizer import TokenizerUnavailableError
@@ -35,6 +35,19 @@ def check_required_groups(choices: dict) -> None:
             raise ConfigError(f"no {group} chosen: add +{group}=<name> to the command, one of: {options}")
 
 
+def quiet_nonzero_rank(rank: int) -> None:
+    """Keep ranks other than 0 from writing the run's log file; they print warnings only."""
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setLevel(logging.WARNING)
+
+
 register_configs()
 
 
@@ -43,6 +56,7 @@ def main(cfg: DictConfig) -> float | None:
     from .trainer import run_training
 
     hydra_cfg = HydraConfig.get()
+    quiet_nonzero_rank(process_rank())
     try:
         check_required_groups(dict(hydra_cfg.runtime.choices))
         resolved = resolve_config(cfg)
@@ -61,6 +75,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    # Hydra's own logging is configured before main runs; keep tokenizer threads quiet.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if process_rank() != 0:
+        # Under torchrun every rank composes the config; only rank 0 writes .hydra/.
+        sys.argv.append("hydra.output_subdir=null")
     main()

@@ -1,8 +1,10 @@
 """Process-group start-up: the one place where ranks enter a run.
 
-torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) starts a
-process group; without it the run is a single process. NCCL is the backend on GPUs and
-gloo on the CPU.
+The launch is detected in this order: torchrun's environment (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a SLURM task started by submitit with more than one
+task in the job, whose rank and rendezvous `submitit.helpers.TorchDistributedEnvironment`
+derives from SLURM's variables; otherwise a single process. NCCL is the backend on GPUs
+and gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -48,8 +50,28 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def launched_by_submitit() -> bool:
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def process_rank() -> int:
+    """Return this process's global rank before any process group exists (0 when alone)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if launched_by_submitit():
+        return int(os.environ.get("SLURM_PROCID", 0))
+    return 0
+
+
 def init_distributed(device_preference: str) -> DistEnv:
-    """Start the process group when launched by torchrun; otherwise describe a single process."""
+    """Start the process group when launched by torchrun or submitit; otherwise describe a single process."""
+    if "RANK" not in os.environ and launched_by_submitit():
+        import submitit
+
+        # CUDA_VISIBLE_DEVICES is left alone: resolve_device maps LOCAL_RANK onto the
+        # devices this task can see, whether SLURM gave it one GPU or the whole node.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistEnv(device=resolve_device(device_preference))
 
@@ -72,8 +94,22 @@ def shutdown_distributed() -> None:
 
 
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Average `value` over ranks in place (gloo has no AVG, so sum and divide)."""
     if env.is_distributed:
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
-        if value.device.type != "cuda":
-            value /= env.world_size
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= env.world_size
     return value
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Return True on every rank when `flag` is True on at least one."""
+    if not env.is_distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier(env: DistEnv) -> None:
+    if env.is_distributed:
+        dist.barrier()

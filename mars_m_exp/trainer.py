@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from .checkpoint import BEST_NAME, LATEST_NAME, copy_checkpoint, load_checkpoint, save_checkpoint, unwrap_state_dict
 from .config import Config, ConfigError, grad_accum_steps
-from .data import build_data
-from .distributed import DistEnv, all_reduce_mean, init_distributed, shutdown_distributed
+from .data import build_data, prepare_data
+from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, peak_flops, start_wandb
 from .model import GPT, GPTConfig
 from .optim import build_optimizer
@@ -32,14 +32,29 @@ RESUME_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_siz
 
 
 class StopRequest:
-    """Record SIGTERM / SIGINT so the loop saves a checkpoint at the next step boundary."""
+    """Record a stop signal so the loop saves a checkpoint at the next step boundary.
+
+    SIGTERM and SIGINT stop the run. SIGUSR2 is SLURM's warning before preemption or the
+    time limit (sent by submitit's `--signal`); after the checkpoint, submitit's own handler,
+    if it was installed, runs and requeues the job.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
@@ -47,9 +62,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
-        # A second Ctrl-C interrupts at once.
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signum = signum
+        if signum == signal.SIGINT:
+            # A second Ctrl-C interrupts at once.
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def finish(self) -> None:
+        """Hand a SLURM warning to submitit's handler (which requeues), then exit."""
+        signum = self.signum if self.signum is not None else signal.SIGTERM
+        previous = self._previous.get(signum)
+        if signum == signal.SIGUSR2 and callable(previous):
+            previous(signum, None)
+        raise SystemExit(128 + signum)
 
 
 @dataclasses.dataclass
@@ -95,6 +119,10 @@ class Trainer:
             torch.set_num_threads(cfg.hardware.cpu_threads)
         torch.manual_seed(cfg.seed)
 
+        # Rank 0 prepares the embedded corpus on first use while the others wait for it.
+        if env.is_main:
+            prepare_data(cfg.data, launch_dir)
+        barrier(env)
         self.data = build_data(
             cfg.data,
             block_size=cfg.model.block_size,
@@ -332,14 +360,21 @@ class Trainer:
                 val_loss = self._eval_and_record(metrics)
                 interval_start += time.perf_counter() - eval_start  # keep evaluation out of tokens/s
 
-            if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop.signal_name or evaluated:
+            # Every rank stops at the same step, even if the signal reached only some of them.
+            stopping = any_rank(stop.requested, self.env)
+            if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopping or evaluated:
                 self.save()
                 if evaluated and self.env.is_main and val_loss <= self.state.best_val_loss:
                     copy_checkpoint(self.checkpoint_dir / LATEST_NAME, self.checkpoint_dir / BEST_NAME)
 
-            if stop.signal_name:
-                log.warning("%s received: stopped at step %d after saving a checkpoint; rerun the same command to resume", stop.signal_name, step)
-                raise SystemExit(128 + getattr(signal, stop.signal_name).value)
+            if stopping:
+                barrier(self.env)
+                log.warning(
+                    "%s received: stopped at step %d after saving a checkpoint; rerun the same command to resume",
+                    stop.signal_name or "stop signal on another rank",
+                    step,
+                )
+                stop.finish()
 
     def _log_train(self, metrics: MetricsWriter | None, loss: float, grad_norm: float, steps: int, seconds: float) -> None:
         if not self.env.is_main:
