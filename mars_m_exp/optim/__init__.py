@@ -4,6 +4,7 @@ from .mars_m import MARS_M
 from .moonlight import Moonlight
 from .newton_schulz import newton_schulz5, orthogonalize_many
 from .param_split import ParamSplit, is_matrix_shape, split_params
+from .state_size import state_bytes_per_param_byte
 from .build import build_optimizer
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "newton_schulz5",
     "orthogonalize_many",
     "split_params",
+    "state_bytes_per_param_byte",
 ]

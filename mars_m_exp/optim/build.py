@@ -46,8 +46,9 @@ def build_optimizer(optim_cfg, model: nn.Module, device_type: str = "cpu") -> to
     common = dict(
         lr=optim_cfg.lr,
         wd=optim_cfg.weight_decay,
-        muon_params=split.matrix_params,
-        adamw_params=split.adamw_params,
+        # Named pairs, so an error about a parameter names it.
+        muon_params=list(zip(split.matrix_names, split.matrix_params)),
+        adamw_params=list(zip(split.adamw_names, split.adamw_params)),
         momentum=optim_cfg.momentum,
         ns_steps=optim_cfg.ns_steps,
         adamw_betas=tuple(optim_cfg.adamw_betas),

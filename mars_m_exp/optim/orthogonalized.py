@@ -4,17 +4,27 @@ Matrices take a momentum direction chosen by the subclass, orthogonalized by New
 and scaled by 0.2 * sqrt(max(A, B)) so the update's RMS matches AdamW's (Moonlight,
 arXiv:2502.16982). Everything else takes AdamW. Both sides use the param group's `lr` and
 `wd`, read at every step so a schedule can change them.
+
+No step reads a tensor's value on the host, with `.item()` or a Python `if` on a tensor.
+Every branch depends on hyperparameters, shapes and state keys only, so `torch.compile` can
+trace a step without graph breaks and a CUDA graph can capture it. NOTE: lr, wd and AdamW's
+step count are Python numbers, so a captured CUDA graph keeps their values at capture time,
+and a compiled step recompiles when they change.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Union
 
 import torch
 
-from .newton_schulz import orthogonalize_many
+from .newton_schulz import compile_enabled_by_env, group_by_shape, run_newton_schulz, stack_matrices
 from .param_split import check_matrix_params, matrix_view_shape
+
+# Parameters may be passed as tensors or as (name, tensor) pairs, as `named_parameters()`
+# yields them. The names appear in error messages.
+ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], None]
 
 
 def muon_update_scale(shape: Iterable[int]) -> float:
@@ -23,34 +33,135 @@ def muon_update_scale(shape: Iterable[int]) -> float:
     return 0.2 * math.sqrt(max(rows, cols))
 
 
+def _named_params(params: ParamsArg, side: str) -> list[tuple[str, torch.Tensor]]:
+    """Return (name, tensor) pairs, naming a bare tensor by its position, like `muon_params[3]`."""
+    named = []
+    for index, item in enumerate(params if params is not None else []):
+        if isinstance(item, tuple):
+            name, tensor = item
+        else:
+            name, tensor = f"{side}[{index}]", item
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{side} entry {name} is a {type(tensor).__name__}, expected a tensor or a (name, tensor) pair")
+        named.append((name, tensor))
+    return named
+
+
+def _check_param_dtypes(named: list[tuple[str, torch.Tensor]]) -> None:
+    for name, param in named:
+        if param.is_complex() or not param.is_floating_point():
+            raise ValueError(
+                f"parameter {name} of shape {tuple(param.shape)} has dtype {param.dtype}; "
+                "this optimizer updates real floating-point tensors only"
+            )
+
+
+def _check_no_duplicates(muon_named: list[tuple[str, torch.Tensor]], adamw_named: list[tuple[str, torch.Tensor]]) -> None:
+    muon_ids = {id(p) for _, p in muon_named}
+    for name, param in adamw_named:
+        if id(param) in muon_ids:
+            raise ValueError(f"parameter {name} is in both muon_params and adamw_params; pass each parameter once")
+    for side, named in (("muon_params", muon_named), ("adamw_params", adamw_named)):
+        seen: set[int] = set()
+        for name, param in named:
+            if id(param) in seen:
+                raise ValueError(f"parameter {name} appears twice in {side}; pass each parameter once")
+            seen.add(id(param))
+
+
 class OrthogonalizedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses implement `_matrix_direction`, the matrix to orthogonalize."""
+    """Base class: subclasses implement `_matrix_directions`, the matrices to orthogonalize.
+
+    `ns_dtype` is the Newton-Schulz dtype. None means bfloat16 on cuda, as in the reference
+    code, and float32 elsewhere, because CPUs without native bfloat16 matrix units run it
+    much slower. On the 2-core AMD EPYC machine of benchmarks/README.md (torch 2.13), a
+    Moonlight step on one GPT-2 small block took 24 times longer in bfloat16.
+
+    `compile_ns` runs Newton-Schulz through `torch.compile`. None defers to the
+    `MARS_M_EXP_COMPILE_NS` environment variable ("0" or "1"). When that is unset too, it
+    compiles on cuda only, because on a CPU each new matrix shape costs a C++ build (about
+    40 s for the first one on that machine).
+    """
 
     def __init__(
         self,
-        muon_params: Iterable[torch.Tensor] | None,
-        adamw_params: Iterable[torch.Tensor] | None,
+        muon_params: ParamsArg,
+        adamw_params: ParamsArg,
         defaults: dict[str, Any],
         ns_dtype: torch.dtype | None = None,
+        compile_ns: bool | None = None,
     ) -> None:
-        muon_params = list(muon_params) if muon_params is not None else []
-        adamw_params = list(adamw_params) if adamw_params is not None else []
-        check_matrix_params(muon_params)
-        if {id(p) for p in muon_params} & {id(p) for p in adamw_params}:
-            raise ValueError("a parameter is in both muon_params and adamw_params; pass each parameter once")
-        if not muon_params and not adamw_params:
+        muon_named = _named_params(muon_params, "muon_params")
+        adamw_named = _named_params(adamw_params, "adamw_params")
+        check_matrix_params([p for _, p in muon_named], [name for name, _ in muon_named])
+        _check_param_dtypes(muon_named + adamw_named)
+        if ns_dtype is not None and not ns_dtype.is_floating_point:
+            raise ValueError(f"ns_dtype must be a floating-point dtype, got {ns_dtype}")
+
+        _check_no_duplicates(muon_named, adamw_named)
+        if not muon_named and not adamw_named:
             raise ValueError("the optimizer got no parameters: pass muon_params and/or adamw_params")
 
         groups = []
-        if muon_params:
-            groups.append({"params": muon_params, "use_muon": True})
-        if adamw_params:
-            groups.append({"params": adamw_params, "use_muon": False})
+        if muon_named:
+            groups.append({"params": [p for _, p in muon_named], "use_muon": True})
+        if adamw_named:
+            groups.append({"params": [p for _, p in adamw_named], "use_muon": False})
         super().__init__(groups, defaults)
+        # Instance attributes, not group entries: a torch.dtype in a param group would make
+        # the state_dict unloadable with torch.load(weights_only=True).
         self.ns_dtype = ns_dtype
+        self.compile_ns = compile_ns
+        self.param_names = {id(p): name for name, p in muon_named + adamw_named}
 
-    def _matrix_direction(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    def _matrix_directions(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any]
+    ) -> list[torch.Tensor]:
+        """Update the state of `params` and return the matrices to orthogonalize, one per param.
+
+        All params of one call share a matrix shape, dtype and device.
+        """
         raise NotImplementedError
+
+    def _state_tensors(self, params: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+        """Return state[key] of each param, created as zeros at the param's first step."""
+        tensors = []
+        for p in params:
+            state = self.state[p]
+            if key not in state:
+                state[key] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            tensors.append(state[key])
+        return tensors
+
+    def _param_name(self, param: torch.Tensor) -> str:
+        # A param added later with add_param_group has no name.
+        return self.param_names.get(id(param), "<unnamed>")
+
+    def _params_with_grads(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Return the group's params that have a gradient, and those gradients."""
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"parameter {self._param_name(p)} of shape {tuple(p.shape)} has a sparse gradient, "
+                    "which this optimizer does not support; use dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _newton_schulz_settings(self, device: torch.device) -> tuple[torch.dtype, bool]:
+        ns_dtype = self.ns_dtype
+        if ns_dtype is None:
+            ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        compile_ns = self.compile_ns
+        if compile_ns is None:
+            compile_ns = compile_enabled_by_env()
+        if compile_ns is None:
+            compile_ns = device.type == "cuda"
+        return ns_dtype, compile_ns
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -67,30 +178,37 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _matrix_step(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+        params, grads = self._params_with_grads(group)
         if not params:
             return
         lr, wd = group["lr"], group["wd"]
+        ns_dtype, compile_ns = self._newton_schulz_settings(params[0].device)
 
-        directions = []
-        for p in params:
-            direction = self._matrix_direction(p, p.grad, group)
-            directions.append(direction.reshape(matrix_view_shape(p.shape)))
-        # bfloat16 on GPUs, as in the reference code; CPUs without native bfloat16 matmuls
-        # run it many times slower than float32, so they keep float32.
-        ns_dtype = self.ns_dtype
-        if ns_dtype is None:
-            ns_dtype = torch.bfloat16 if params[0].device.type == "cuda" else torch.float32
-        updates = orthogonalize_many(directions, steps=group["ns_steps"], dtype=ns_dtype)
+        # Decoupled weight decay uses the unscaled lr, the orthogonal update the scaled one.
+        # The directions depend on gradients and state only, so decaying first is safe.
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
 
-        # Decoupled weight decay uses the unscaled lr; the orthogonal update the scaled one.
-        torch._foreach_mul_(params, 1.0 - lr * wd)
-        for p, update in zip(params, updates):
-            p.add_(update.view_as(p), alpha=-lr * muon_update_scale(p.shape))
+        # One bucket per matrix shape: its directions are computed with foreach ops and
+        # orthogonalized in one batched Newton-Schulz call, then freed before the next bucket.
+        shapes = [matrix_view_shape(p.shape) for p in params]
+        for indices in group_by_shape(params, shapes):
+            bucket_params = [params[i] for i in indices]
+            bucket_grads = [grads[i] for i in indices]
+            shape = shapes[indices[0]]
+
+            directions = self._matrix_directions(bucket_params, bucket_grads, group)
+            stacked = stack_matrices(directions, shape, ns_dtype)
+            orthogonal = run_newton_schulz(stacked, group["ns_steps"], ns_dtype, compile_ns)
+            # One copy for the whole bucket, to the params' dtype and row-major layout (a tall
+            # matrix comes back transposed), keeps the foreach add below on its fused path.
+            orthogonal = orthogonal.to(dtype=bucket_params[0].dtype, memory_format=torch.contiguous_format)
+            updates = [u.reshape(p.shape) for p, u in zip(bucket_params, orthogonal.unbind(0))]
+            torch._foreach_add_(bucket_params, updates, alpha=-lr * muon_update_scale(shape))
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """AdamW with bias correction, eps added to sqrt(v) as in the MARS-M reference code."""
-        params = [p for p in group["params"] if p.grad is not None]
+        params, grads = self._params_with_grads(group)
         if not params:
             return
         lr, wd = group["lr"], group["wd"]
@@ -105,20 +223,23 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
 
-        # All params of the group advance together, except one whose grad was None at some
-        # earlier step, so the step count (and bias correction) is per parameter.
-        grads = [p.grad for p in params]
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
-        torch._foreach_mul_(params, 1.0 - lr * wd)
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denoms, eps)
-        for p, exp_avg, denom in zip(params, exp_avgs, denoms):
+        # All params of the group advance together, except one whose grad was None at some
+        # earlier step, so the step count (and bias correction) is per parameter. The step
+        # is a Python int, so the step sizes are host values and need no sync.
+        step_sizes = []
+        for p in params:
             step = self.state[p]["step"]
             bias_correction1 = 1.0 - beta1**step
             bias_correction2 = 1.0 - beta2**step
-            p.addcdiv_(exp_avg, denom, value=-lr * math.sqrt(bias_correction2) / bias_correction1)
+            step_sizes.append(-lr * math.sqrt(bias_correction2) / bias_correction1)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
