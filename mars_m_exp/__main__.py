@@ -53,7 +53,7 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from .trainer import run_training
+    from .trainer import NonFiniteError, run_training
 
     hydra_cfg = HydraConfig.get()
     quiet_nonzero_rank(process_rank())
@@ -68,7 +68,7 @@ def main(cfg: DictConfig) -> float | None:
     launch_dir = Path(hydra_cfg.runtime.cwd)
     try:
         state = run_training(resolved, run_dir, launch_dir)
-    except (ConfigError, ShardError, CorpusError, CheckpointError, TokenizerUnavailableError) as exc:
+    except (ConfigError, ShardError, CorpusError, CheckpointError, TokenizerUnavailableError, NonFiniteError) as exc:
         log.error("%s", exc)
         sys.exit(2)
     return state.best_val_loss

@@ -268,6 +268,10 @@ class TrainerConfig:
     eval_iters: int = 200
     log_interval: int = 10
     checkpoint_interval: int = 1000
+    # Step checkpoints kept besides latest.pt; older ones are deleted.
+    keep_checkpoints: int = 3
+    # On a non-finite loss or gradient norm: "stop" the run, or "skip" the step and count it.
+    nonfinite: str = "stop"
     # Max global gradient norm; 0 turns clipping off.
     grad_clip: float = 1.0
     # null: decided by hardware.compile.
@@ -282,10 +286,12 @@ class TrainerConfig:
             "eval_iters",
             "log_interval",
             "checkpoint_interval",
+            "keep_checkpoints",
         ):
             value = getattr(self, key)
             _require(value > 0, f"trainer.{key} must be positive, got {value}")
         _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        _require(self.nonfinite in ("stop", "skip"), f"trainer.nonfinite must be stop or skip, got {self.nonfinite!r}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import BEST_NAME, LATEST_NAME, copy_checkpoint, load_checkpoint, save_checkpoint, unwrap_state_dict
+from .checkpoint import BEST_NAME, LATEST_NAME, CheckpointError, copy_checkpoint, load_newest_valid, save_step_checkpoint, unwrap_state_dict
 from .config import Config, ConfigError, grad_accum_steps
 from .data import build_data, prepare_data
 from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, init_distributed, shutdown_distributed
@@ -76,12 +76,17 @@ class StopRequest:
         raise SystemExit(128 + signum)
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf loss or gradient norm with trainer.nonfinite=stop."""
+
+
 @dataclasses.dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
     tokens: int = 0
     best_val_loss: float = math.inf
     elapsed_s: float = 0.0  # training time, evaluation excluded
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite value
 
 
 def _autocast(device: torch.device, dtype_name: str):
@@ -150,6 +155,7 @@ class Trainer:
         self.flops_per_token = self.raw_model.flops_per_token()
         self.compiled = compile_model
         self.state = TrainState()
+        self.last_finite_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -166,6 +172,7 @@ class Trainer:
             "tokens": self.state.tokens,
             "best_val_loss": self.state.best_val_loss,
             "elapsed_s": self.state.elapsed_s,
+            "skipped_steps": self.state.skipped_steps,
             "sampler": self.data.train.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
             "config": self.cfg_dict,
@@ -174,17 +181,25 @@ class Trainer:
     def save(self) -> None:
         if not self.env.is_main:
             return
-        save_checkpoint(self.checkpoint_state(), self.checkpoint_dir / LATEST_NAME)
-        log.info("saved checkpoint at step %d to %s", self.state.step, self.checkpoint_dir / LATEST_NAME)
+        try:
+            path = save_step_checkpoint(self.checkpoint_state(), self.checkpoint_dir, self.state.step, self.cfg.trainer.keep_checkpoints)
+        except OSError as exc:
+            raise CheckpointError(
+                f"writing the step {self.state.step} checkpoint to {self.checkpoint_dir} failed ({exc}); "
+                f"the previous checkpoint is intact, so free space and rerun the same command to resume"
+            ) from exc
+        log.info("saved checkpoint at step %d to %s", self.state.step, path)
 
     def maybe_resume(self) -> None:
-        latest = self.checkpoint_dir / LATEST_NAME
-        if not self.cfg.resume or not latest.exists():
-            if latest.exists():
-                log.info("resume=false: starting from step 0; %s will be overwritten", latest)
+        if not self.cfg.resume:
+            if (self.checkpoint_dir / LATEST_NAME).exists():
+                log.info("resume=false: starting from step 0; the checkpoints in %s will be replaced", self.checkpoint_dir)
+            return
+        found = load_newest_valid(self.checkpoint_dir, map_location=self.device)
+        if found is None:
             return
 
-        checkpoint = load_checkpoint(latest, map_location=self.device)
+        latest, checkpoint = found
         mismatches = _checkpoint_matches(checkpoint["config"], self.cfg_dict)
         if mismatches:
             raise ConfigError(
@@ -203,6 +218,7 @@ class Trainer:
             tokens=checkpoint["tokens"],
             best_val_loss=checkpoint["best_val_loss"],
             elapsed_s=checkpoint["elapsed_s"],
+            skipped_steps=checkpoint.get("skipped_steps", 0),
         )
         log.info("resumed from %s at step %d (%d tokens seen)", latest, self.state.step, self.state.tokens)
 
@@ -248,11 +264,36 @@ class Trainer:
 
         loss = self._accumulate_gradients(step)
         grad_norm = self._clip_gradients()
+
+        # Checked before the update, so a NaN never reaches the weights or a checkpoint.
+        # The gradient norm is the same on every rank after DDP's all-reduce; the loss is not.
+        nonfinite_loss = any_rank(not bool(torch.isfinite(loss)), self.env)
+        if nonfinite_loss or not bool(torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._handle_nonfinite(step, loss, grad_norm)
+            return loss, grad_norm
+
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.exact_mars_m:
             self.optimizer.update_last_grad()
+        self.last_finite_loss = loss.detach()
         return loss, grad_norm
+
+    def _handle_nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        last = self.last_finite_loss.item() if self.last_finite_loss is not None else float("nan")
+        if self.cfg.trainer.nonfinite == "skip":
+            self.state.skipped_steps += 1
+            log.warning(
+                "step %d: loss %s, gradient norm %s; skipped the update (%d skipped so far)",
+                step + 1, loss.item(), grad_norm.item(), self.state.skipped_steps,
+            )
+            return
+        raise NonFiniteError(
+            f"step {step + 1}: loss {loss.item()}, gradient norm {grad_norm.item()} (last finite loss {last:.4f}); "
+            f"stopped without saving, so {self.checkpoint_dir / LATEST_NAME} still contains the last good state. "
+            "Lower optim.lr or set trainer.nonfinite=skip, then rerun to resume"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float:
