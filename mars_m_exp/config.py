@@ -84,6 +84,8 @@ class MatrixOptimConfig(OptimConfig):
     ns_steps: int = 5
     adamw_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8
+    # Under DDP, split Newton-Schulz across ranks and all-gather the results.
+    shard_orthogonalization: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

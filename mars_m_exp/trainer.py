@@ -338,6 +338,8 @@ class Trainer:
             self.env.world_size,
             self.tokens_per_step,
         )
+        if getattr(self.optimizer, "shard_orthogonalization", False) and self.env.is_distributed:
+            log.info("Newton-Schulz sharded across %d ranks, balanced by FLOPs", self.env.world_size)
         if self.exact_mars_m:
             log.info("exact MARS-M: 2 gradient evaluations per step (%d forward/backward passes per rank)", 2 * self.accum_steps)
 

@@ -82,3 +82,14 @@ def test_gradients_all_reduced_to_rank_mean(tmp_path, corpus_cache):
     assert report["max_difference_between_ranks"] == 0.0
     assert report["max_difference_from_mean_of_local"] < 1e-6
     assert report["gradient_norm"] > 0.0
+
+
+@pytest.mark.parametrize("optim", ["mars_m", "moonlight"])
+def test_sharded_orthogonalization_matches_replicated(tmp_path, corpus_cache, optim):
+    sharded = tmp_path / "sharded"
+    result = launch(sharded, 2, f"+optim={optim}", "trainer.max_steps=3")
+    replicated = tmp_path / "replicated"
+    launch(replicated, 2, f"+optim={optim}", "trainer.max_steps=3", "optim.shard_orthogonalization=false")
+
+    assert "Newton-Schulz sharded across 2 ranks" in result.stdout + result.stderr
+    assert_weights_close(final_weights(sharded), final_weights(replicated))

@@ -53,6 +53,7 @@ def build_optimizer(optim_cfg, model: nn.Module, device_type: str = "cpu") -> to
         ns_steps=optim_cfg.ns_steps,
         adamw_betas=tuple(optim_cfg.adamw_betas),
         adamw_eps=optim_cfg.adamw_eps,
+        shard_orthogonalization=optim_cfg.shard_orthogonalization,
     )
     if name == "mars_m":
         return MARS_M(**common, gamma=optim_cfg.gamma, clip_c=optim_cfg.clip_c, is_approx=optim_cfg.is_approx)

@@ -90,6 +90,7 @@ class MARS_M(OrthogonalizedOptimizer):
         is_approx: bool = True,
         ns_dtype: torch.dtype | None = None,
         compile_ns: bool | None = None,
+        shard_orthogonalization: bool = True,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -110,7 +111,7 @@ class MARS_M(OrthogonalizedOptimizer):
             clip_c=clip_c,
             is_approx=is_approx,
         )
-        super().__init__(muon_params, adamw_params, defaults, ns_dtype, compile_ns)
+        super().__init__(muon_params, adamw_params, defaults, ns_dtype, compile_ns, shard_orthogonalization)
         self.is_approx = is_approx
 
     def _check_form(self, params: list[torch.Tensor], one_buffer: bool, group: dict[str, Any]) -> None:

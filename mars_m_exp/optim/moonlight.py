@@ -41,6 +41,7 @@ class Moonlight(OrthogonalizedOptimizer):
         adamw_eps: float = 1e-8,
         ns_dtype: torch.dtype | None = None,
         compile_ns: bool | None = None,
+        shard_orthogonalization: bool = True,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -57,7 +58,7 @@ class Moonlight(OrthogonalizedOptimizer):
             adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
         )
-        super().__init__(muon_params, adamw_params, defaults, ns_dtype, compile_ns)
+        super().__init__(muon_params, adamw_params, defaults, ns_dtype, compile_ns, shard_orthogonalization)
 
     def _matrix_directions(
         self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any]

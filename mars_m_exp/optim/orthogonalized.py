@@ -18,9 +18,11 @@ import math
 from typing import Any, Callable, Iterable, Union
 
 import torch
+import torch.distributed as dist
 
 from .newton_schulz import compile_enabled_by_env, group_by_shape, run_newton_schulz, stack_matrices
 from .param_split import check_matrix_params, matrix_view_shape
+from .sharding import all_gather_updates, assign_to_ranks
 
 # Parameters may be passed as tensors or as (name, tensor) pairs, as `named_parameters()`
 # yields them. The names appear in error messages.
@@ -77,6 +79,10 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
     much slower. On the 2-core AMD EPYC machine of benchmarks/README.md (torch 2.13), a
     Moonlight step on one GPT-2 small block took 24 times longer in bfloat16.
 
+    `shard_orthogonalization`, when a torch.distributed process group of more than one rank
+    exists, splits the Newton-Schulz work across ranks (see `sharding.py`); every rank must
+    then call `step` with the same gradients, as under DDP.
+
     `compile_ns` runs Newton-Schulz through `torch.compile`. None defers to the
     `MARS_M_EXP_COMPILE_NS` environment variable ("0" or "1"). When that is unset too, it
     compiles on cuda only, because on a CPU each new matrix shape costs a C++ build (about
@@ -90,6 +96,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         ns_dtype: torch.dtype | None = None,
         compile_ns: bool | None = None,
+        shard_orthogonalization: bool = True,
     ) -> None:
         muon_named = _named_params(muon_params, "muon_params")
         adamw_named = _named_params(adamw_params, "adamw_params")
@@ -112,6 +119,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         # the state_dict unloadable with torch.load(weights_only=True).
         self.ns_dtype = ns_dtype
         self.compile_ns = compile_ns
+        self.shard_orthogonalization = shard_orthogonalization
         self.param_names = {id(p): name for name, p in muon_named + adamw_named}
 
     def _matrix_directions(
@@ -189,9 +197,13 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         if wd != 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
 
+        shapes = [matrix_view_shape(p.shape) for p in params]
+        if self._sharded():
+            self._sharded_matrix_update(group, params, grads, shapes, lr, ns_dtype, compile_ns)
+            return
+
         # One bucket per matrix shape: its directions are computed with foreach ops and
         # orthogonalized in one batched Newton-Schulz call, then freed before the next bucket.
-        shapes = [matrix_view_shape(p.shape) for p in params]
         for indices in group_by_shape(params, shapes):
             bucket_params = [params[i] for i in indices]
             bucket_grads = [grads[i] for i in indices]
@@ -205,6 +217,33 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             orthogonal = orthogonal.to(dtype=bucket_params[0].dtype, memory_format=torch.contiguous_format)
             updates = [u.reshape(p.shape) for p, u in zip(bucket_params, orthogonal.unbind(0))]
             torch._foreach_add_(bucket_params, updates, alpha=-lr * muon_update_scale(shape))
+
+    def _sharded(self) -> bool:
+        return self.shard_orthogonalization and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _sharded_matrix_update(self, group, params, grads, shapes, lr, ns_dtype, compile_ns) -> None:
+        """Update every matrix's state, orthogonalize this rank's share, exchange, apply all."""
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        owner = assign_to_ranks(shapes, world_size, group["ns_steps"])
+
+        local_updates: dict[int, torch.Tensor] = {}
+        for indices in group_by_shape(params, shapes):
+            bucket_params = [params[i] for i in indices]
+            directions = self._matrix_directions(bucket_params, [grads[i] for i in indices], group)
+            mine = [k for k, i in enumerate(indices) if owner[i] == rank]
+            if not mine:
+                continue
+            stacked = stack_matrices([directions[k] for k in mine], shapes[indices[0]], ns_dtype)
+            orthogonal = run_newton_schulz(stacked, group["ns_steps"], ns_dtype, compile_ns)
+            orthogonal = orthogonal.to(dtype=params[0].dtype, memory_format=torch.contiguous_format)
+            for k, update in zip(mine, orthogonal.unbind(0)):
+                local_updates[indices[k]] = update.reshape(-1)
+
+        updates = all_gather_updates(
+            local_updates, owner, [p.numel() for p in params], rank, world_size, params[0].device, params[0].dtype
+        )
+        for p, update, shape in zip(params, updates, shapes):
+            p.add_(update.view_as(p), alpha=-lr * muon_update_scale(shape))
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """AdamW with bias correction, eps added to sqrt(v) as in the MARS-M reference code."""
