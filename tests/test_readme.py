@@ -57,3 +57,8 @@ def test_gpt2_small_two_steps_on_cpu(tmp_path, corpus_cache):
     assert result.returncode == 0, output
     assert "model gpt2_small: 123.59M parameters" in output
     assert "step 2/2" in output
+
+
+def test_readme_shows_torchrun_for_a_gpu_node():
+    block = code_block_after("## Several GPUs: DDP with torchrun", "bash")
+    assert block.startswith("torchrun --standalone --nproc_per_node=8 -m mars_m_exp +model=gpt2_small +optim=mars_m hardware=gpu")
