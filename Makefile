@@ -29,6 +29,15 @@ quickstart: ## Train the tiny model with MARS-M on the embedded corpus (CPU, a f
 clean-runs: ## Delete the runs/ and sweeps/ output folders
 	rm -rf runs sweeps
 
+# A one-node SLURM cluster on 127.0.0.1 for trying the SLURM launcher and for
+# tests/test_slurm.py; needs root and Debian's slurmctld, slurmd, slurm-client and munge.
+.PHONY: slurm-up slurm-down
+slurm-up: ## Start munged, slurmctld and slurmd on this machine (root; idempotent)
+	launchers/slurm_cluster.sh up
+
+slurm-down: ## Stop the SLURM daemons that slurm-up started
+	launchers/slurm_cluster.sh down
+
 # Extra options go in DATA_ARGS, for example DATA_ARGS="--sample sample-10BT --num-proc 32";
 # `python -m data_prep.prepare --help` lists them. Rerunning a target resumes it.
 .PHONY: data-openwebtext data-fineweb-edu

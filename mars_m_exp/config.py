@@ -347,8 +347,17 @@ SCHEDULE_SCHEMAS = {
 }
 
 
+def _lookup(key: str, table: DictConfig) -> Any:
+    """Resolver `${lookup:KEY,{a: 1, b: 2}}`: the table's value for KEY, for per-option presets."""
+    if key not in table:
+        raise ConfigError(f"no entry for {key!r} in the preset table {dict(table)}; add one or override the value")
+    return table[key]
+
+
 def register_configs() -> None:
-    """Store the schemas where the YAML files' defaults lists refer to them."""
+    """Store the schemas where the YAML files' defaults lists refer to them, and the resolvers."""
+    if not OmegaConf.has_resolver("lookup"):
+        OmegaConf.register_new_resolver("lookup", _lookup)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="schema/model", name="gpt", node=ModelConfig)

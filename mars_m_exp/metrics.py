@@ -95,11 +95,25 @@ def wandb_mode(configured: str | None) -> str:
     return "disabled"
 
 
+def sweep_group() -> str | None:
+    """Return the name of the sweep directory when this process runs a job of a Hydra sweep, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir).name
+
+
 def start_wandb(cfg_dict: dict, wandb_cfg, run_dir: Path, run_name: str):
     """Start (or resume) the wandb run of `run_dir`; return None when wandb is disabled.
 
-    The run id is kept in `run_dir/wandb_id.txt`, so a restarted run continues the same
-    wandb run.
+    The run id is kept in `run_dir/wandb_id.txt`, so a restarted or requeued run continues
+    the same wandb run. Runs of one sweep share a group, the sweep directory's name, unless
+    `logger.wandb.group` sets one; the job type is the optimizer's name.
     """
     mode = wandb_mode(wandb_cfg.mode)
     if mode == "disabled":
@@ -115,7 +129,7 @@ def start_wandb(cfg_dict: dict, wandb_cfg, run_dir: Path, run_name: str):
     return wandb.init(
         project=wandb_cfg.project,
         entity=wandb_cfg.entity,
-        group=wandb_cfg.group,
+        group=wandb_cfg.group if wandb_cfg.group is not None else sweep_group(),
         job_type=cfg_dict.get("optim", {}).get("name"),
         name=run_name,
         id=run_id,
