@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .data.shards import write_atomic
+
 log = logging.getLogger(__name__)
 
 LATEST_NAME = "latest.pt"
@@ -57,16 +59,7 @@ def checksum_path(path: Path) -> Path:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, [text.encode("utf-8")])
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
