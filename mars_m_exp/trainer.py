@@ -464,6 +464,10 @@ def run_training(cfg: Config, run_dir: Path, launch_dir: Path) -> TrainState:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
         trainer = Trainer(cfg, run_dir, launch_dir, env)
-        return trainer.fit()
+        state = trainer.fit()
+        # Rank 0 still closes metrics and draws the plot; tearing gloo down under it can
+        # abort the process, so the ranks leave together.
+        barrier(env)
+        return state
     finally:
         shutdown_distributed()

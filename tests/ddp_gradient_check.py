@@ -54,6 +54,8 @@ def main() -> None:
             "gradient_norm": reduced.norm().item(),
         }
         out.write_text(json.dumps(report))
+    # Tearing gloo down while the other rank still works can abort the process.
+    dist.barrier()
     dist.destroy_process_group()
 
 
