@@ -198,7 +198,7 @@ class ConstantScheduleConfig(ScheduleConfig):
 
 @dataclass
 class DataConfig:
-    """Where the token shards come from.
+    """Source and location of the token shards.
 
     `path` is the folder of token shards the loader reads. For the embedded corpus it is
     where the prepared files are written on first use; null means a folder under

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# A rank that stops answering ends collective calls with an error after this long.
+# Collective calls fail with an error after this long when a rank stops responding.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 

@@ -35,8 +35,8 @@ class StopRequest:
     """Record a stop signal so the loop saves a checkpoint at the next step boundary.
 
     SIGTERM and SIGINT stop the run. SIGUSR2 is SLURM's warning before preemption or the
-    time limit (sent by submitit's `--signal`); after the checkpoint, submitit's own handler,
-    if it was installed, runs and requeues the job.
+    time limit, sent through submitit's `--signal`. After the checkpoint, submitit's own
+    SIGUSR2 handler runs if it was installed, and it requeues the job.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -322,13 +322,10 @@ class Trainer:
             "on" if self.compiled else "off",
             self.env.world_size,
         )
-        log.info(
-            "model %s: %.2fM parameters; optimizer %s, lr %g",
-            cfg.model.name,
-            self.raw_model.num_params() / 1e6,
-            cfg.optim.name + ("" if not hasattr(cfg.optim, "is_approx") else (" (approximate)" if cfg.optim.is_approx else " (exact)")),
-            cfg.optim.lr,
-        )
+        optimizer = cfg.optim.name
+        if hasattr(cfg.optim, "is_approx"):
+            optimizer += " (approximate)" if cfg.optim.is_approx else " (exact)"
+        log.info("model %s: %.2fM parameters; optimizer %s, lr %g", cfg.model.name, self.raw_model.num_params() / 1e6, optimizer, cfg.optim.lr)
         # Batch arithmetic: global batch = micro-batch x accumulation steps x world size.
         log.info(
             "batch: %d sequences/step = %d micro x %d accumulation x %d processes; %d tokens/step",

@@ -43,8 +43,8 @@ class MARS_M(OrthogonalizedOptimizer):
         opt.update_last_grad()        # make the kept copy g_prev
 
     At the first step g_prev is zero, as in the reference code. `clip_c` defaults to True
-    because the paper's algorithm clips and the released optimizer clips whatever its flag
-    says. The norm of c is clamped on the device, so the step never waits on the host.
+    because the paper's algorithm clips and the released optimizer clips regardless of its
+    flag. The norm of c is clamped on the device, so the step never waits on the host.
 
     Memory. The approximate form without the clip keeps one buffer per matrix, as Muon does.
     Because c is linear in g and g_prev there, m equals
