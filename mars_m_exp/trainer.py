@@ -155,6 +155,7 @@ class Trainer:
         self.flops_per_token = self.raw_model.flops_per_token()
         self.compiled = compile_model
         self.state = TrainState()
+        self.metrics: MetricsWriter | None = None  # set by fit() on rank 0
         self.last_finite_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ checkpoints
@@ -282,7 +283,11 @@ class Trainer:
 
     def _handle_nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         last = self.last_finite_loss.item() if self.last_finite_loss is not None else float("nan")
-        if self.cfg.trainer.nonfinite == "skip":
+        action = self.cfg.trainer.nonfinite
+        if self.metrics is not None:
+            # Recorded before stopping, so a results table can show the run as diverged.
+            self.metrics.write("nonfinite", step=step + 1, tokens=self.state.tokens, train_loss=loss.item(), grad_norm=grad_norm.item(), action=action)
+        if action == "skip":
             self.state.skipped_steps += 1
             log.warning(
                 "step %d: loss %s, gradient norm %s; skipped the update (%d skipped so far)",
@@ -359,6 +364,7 @@ class Trainer:
         if self.env.is_main:
             wandb_run = start_wandb(self.cfg_dict, self.cfg.logger.wandb, self.run_dir, self.run_dir.name)
             metrics = MetricsWriter(self.run_dir, wandb_run)
+        self.metrics = metrics
 
         stop = StopRequest()
         stop.install()

@@ -180,6 +180,9 @@ def test_nan_gradient_stops_with_step_and_last_loss(tmp_path, corpus_cache):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+    # The metrics record the stop, which is how a results table tells a diverged run.
+    events = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "nonfinite"]
+    assert [(r["step"], r["action"], r["grad_norm"]) for r in events] == [(3, "stop", "nan")]
 
 
 def test_nan_gradient_skipped_and_counted(tmp_path, corpus_cache):
