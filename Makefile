@@ -6,7 +6,7 @@ PIP ?= .venv/bin/pip
 TORCH ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast quickstart clean-runs
+.PHONY: help setup test test-fast quickstart reproduce-table clean-runs
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-22s %s\n", $$1, $$2}'
@@ -26,8 +26,20 @@ test-fast: ## Run the tests without the slow end-to-end ones
 quickstart: ## Train the tiny model with MARS-M on the embedded corpus (CPU, a few minutes)
 	$(PYTHON) -m mars_m_exp +model=tiny +optim=mars_m +experiment=quickstart
 
-clean-runs: ## Delete the runs/ and sweeps/ output folders
-	rm -rf runs sweeps
+# The comparison of MARS-M, Muon (Moonlight) and AdamW as one sweep, then its table and plots
+# in results/<preset>/. PRESET: cpu_tiny (the default, about 10 minutes on 2 CPU cores) or a
+# paper run such as owt_gpt2_small (`python -m mars_m_exp.reproduce --help`); LAUNCHER: local,
+# slurm (one 8-GPU node per run) or slurm_cpu; SWEEP=DIR only rebuilds the outputs from the
+# runs in DIR; ARGS: Hydra overrides for every run.
+PRESET ?=
+LAUNCHER ?= local
+SWEEP ?=
+ARGS ?=
+reproduce-table: ## Compare the optimizers (PRESET=, LAUNCHER=, SWEEP=) and write results/<preset>/
+	$(PYTHON) -m mars_m_exp.reproduce $(if $(PRESET),--preset $(PRESET)) --launcher $(LAUNCHER) $(if $(SWEEP),--sweep $(SWEEP)) $(ARGS)
+
+clean-runs: ## Delete the runs/, sweeps/ and results/ output folders
+	rm -rf runs sweeps results
 
 # A one-node SLURM cluster on 127.0.0.1 for trying the SLURM launcher and for
 # tests/test_slurm.py; needs root and Debian's slurmctld, slurmd, slurm-client and munge.

@@ -259,6 +259,27 @@ def test_two_task_job_trains_as_two_ranks(tmp_path, corpus_cache, job_name):
     assert task_result(job_dir, 1) == "success"
 
 
+@pytest.mark.slow
+def test_reproduce_submits_the_comparison_as_one_job_array(tmp_path, corpus_cache, job_name):
+    """`make reproduce-table LAUNCHER=slurm_cpu`: the three optimizers as one array, then the table."""
+    overrides = ["trainer.max_steps=2", "trainer.eval_interval=2", "trainer.eval_iters=1", "model.block_size=32"]
+    command = [
+        sys.executable, "-m", "mars_m_exp.reproduce", "--launcher", "slurm_cpu", *overrides,
+        f"hydra.launcher.name={job_name}", "hydra.launcher.timeout_min=30",
+    ]
+    run_submission(command, tmp_path)
+
+    # Settings of the launcher do not enter the names of the sweep and results directories.
+    name = ",".join(["cpu_tiny", *overrides])
+    sweep_dir = tmp_path / "sweeps" / "reproduce" / name
+    job_dirs = submitit_job_dirs(sweep_dir)
+    assert len({d.name.split("_")[0] for d in job_dirs}) == 1
+    assert sorted(d.name.split("_")[1] for d in job_dirs) == ["0", "1", "2"]
+    table = (tmp_path / "results" / name / "table.csv").read_text().splitlines()
+    statuses = {line.split(",")[1]: line.split(",")[3] for line in table[1:]}
+    assert statuses == {"mars_m": "finished", "moonlight": "finished", "adamw": "finished"}
+
+
 def wait_for(condition, timeout_s: float, description: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
