@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .checkpoint import CheckpointError
@@ -51,6 +52,22 @@ def quiet_nonzero_rank(rank: int) -> None:
 register_configs()
 
 
+class RunFailedError(RuntimeError):
+    """A run of a sweep that stopped on an error the log already explains."""
+
+
+def fail(message: str, *args) -> None:
+    """Log the error and end the run with status 2, or, inside a sweep, only this run.
+
+    Hydra catches an exception from one run of a sweep, runs the others and reports the
+    failure at the end. A SystemExit would stop the whole sweep at this run.
+    """
+    log.error(message, *args)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise RunFailedError(message % args)
+    sys.exit(2)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from .trainer import NonFiniteError, run_training
@@ -61,16 +78,14 @@ def main(cfg: DictConfig) -> float | None:
         check_required_groups(dict(hydra_cfg.runtime.choices))
         resolved = resolve_config(cfg)
     except ConfigError as exc:
-        log.error("invalid configuration: %s", exc)
-        sys.exit(2)
+        fail("invalid configuration: %s", exc)
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     launch_dir = Path(hydra_cfg.runtime.cwd)
     try:
         state = run_training(resolved, run_dir, launch_dir)
     except (ConfigError, ShardError, CorpusError, CheckpointError, TokenizerUnavailableError, NonFiniteError) as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+        fail("%s", exc)
     return state.best_val_loss
 
 

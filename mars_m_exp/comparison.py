@@ -35,6 +35,10 @@ OPTIMIZER_ORDER = ("mars_m", "mars_m_exact", "moonlight", "adamw")
 OPTIMIZER_LABELS = {"mars_m": "MARS-M", "mars_m_exact": "MARS-M (exact)", "moonlight": "Muon (Moonlight)", "adamw": "AdamW"}
 # The zoomed plot shows the last part of the longest run's tokens.
 ZOOM_FRACTION = 0.5
+# Models in order of size; the table's column groups and the plots follow it.
+MODEL_ORDER = ("tiny", "gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl")
+# Curves with fewer points than this get a marker on each point, so a single point shows.
+MARKER_MAX_POINTS = 50
 
 
 @dataclass
@@ -107,7 +111,7 @@ def read_curves(metrics_path: Path) -> tuple[Curves, int | None, dict | None]:
         elif event == "eval" or event == "train":
             # A non-finite loss that was logged: the run diverged there.
             diverged_at = diverged_at or int(record.get("step", 0))
-        if event in ("eval", "train"):
+        if event in ("eval", "train", "nonfinite"):
             last = record
     if diverged_at is not None and last is not None and int(last.get("step", 0)) > diverged_at:
         # Resumed past the bad step (for example with trainer.nonfinite=skip): no longer diverged.
@@ -127,20 +131,13 @@ def loss_at_tokens(val: Sequence[tuple[int, float, float]], budget: int) -> floa
     return None
 
 
-def round_down(value: float, digits: int = 2) -> int:
-    """Round a positive number down to `digits` significant digits."""
-    if value <= 0:
-        return 0
-    scale = 10 ** (math.floor(math.log10(value)) - digits + 1)
-    return int(math.floor(value / scale) * scale)
-
-
 def default_budgets(planned_tokens: Iterable[int | None]) -> list[int]:
+    """Return the budgets at DEFAULT_BUDGET_FRACTIONS of the longest planned run, in whole tokens."""
     planned = [t for t in planned_tokens if t]
     if not planned:
         return []
     longest = max(planned)
-    return sorted({round_down(longest * fraction) for fraction in DEFAULT_BUDGET_FRACTIONS})
+    return sorted({int(longest * fraction) for fraction in DEFAULT_BUDGET_FRACTIONS})
 
 
 def format_tokens(tokens: float) -> str:
@@ -195,7 +192,7 @@ def collect_comparison(sweep_dir: Path | None, planned: Sequence[PlannedRun] = (
             row = rows[key] = ComparisonRow(model=model, optimizer=optimizer, preset=preset, status="missing")
         _fill_row(row, run, sweep_dir / run.name if run.status != "pending" else None)
 
-    ordered = sorted(rows.values(), key=lambda r: (_model_index(r.model, planned), _optimizer_key(r.optimizer)))
+    ordered = sorted(rows.values(), key=lambda r: (_model_index(r.model), _optimizer_key(r.optimizer)))
     if budgets is None:
         budgets = default_budgets(r.planned_tokens for r in ordered)
     for row in ordered:
@@ -203,9 +200,8 @@ def collect_comparison(sweep_dir: Path | None, planned: Sequence[PlannedRun] = (
     return ordered, list(budgets)
 
 
-def _model_index(model: str, planned: Sequence[PlannedRun]) -> tuple[int, str]:
-    models = list(dict.fromkeys(p.model for p in planned))
-    return (models.index(model) if model in models else len(models), model)
+def _model_index(model: str) -> tuple[int, str]:
+    return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), model)
 
 
 def _fill_row(row: ComparisonRow, run, run_dir: Path | None) -> None:
@@ -388,7 +384,8 @@ def _draw(ax, group: Sequence[ComparisonRow], kind: str) -> int:
         for row in sorted(group, key=lambda r: _optimizer_key(r.optimizer)):
             if row.curves.train:
                 xs = [t for t, _ in row.curves.train]
-                ax.plot(xs, _smooth([loss for _, loss in row.curves.train], 0.8), label=_label(row))
+                marker = "." if len(xs) < MARKER_MAX_POINTS else None
+                ax.plot(xs, _smooth([loss for _, loss in row.curves.train], 0.8), marker=marker, label=_label(row))
                 plotted += 1
         ax.set_xlabel("tokens")
         ax.set_ylabel("training loss")

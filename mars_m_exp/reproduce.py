@@ -86,14 +86,34 @@ def _user_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def compose_preset(name: str, overrides: Sequence[str] = ()):
-    """Compose and validate the config of preset `name` with the overrides, as one run of it would."""
-    from hydra import compose, initialize_config_dir
+    """Compose and validate the config of preset `name` with the overrides, as one run of it would.
 
-    from .config import register_configs, resolve_config
+    Raises PresetError with one line for an invalid override or value. Warnings about odd
+    values are left to the runs, which log them again.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import ConfigError, register_configs, resolve_config
 
     register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return resolve_config(compose("config", overrides=[f"+experiment={name}", *_user_overrides(overrides)]))
+    config_log = logging.getLogger("mars_m_exp.config")
+    level = config_log.level
+    config_log.setLevel(logging.ERROR)
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return resolve_config(compose("config", overrides=[f"+experiment={name}", *_user_overrides(overrides)]))
+    except ConfigError as exc:
+        raise PresetError(f"invalid configuration of preset {name}: {exc}") from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PresetError(
+            f"preset {name} does not compose with the overrides {' '.join(overrides) or '(none)'}: {first_line}. "
+            "Give each key one value (reproduce runs one run per preset, not a sweep) and check its spelling"
+        ) from None
+    finally:
+        config_log.setLevel(level)
 
 
 def plan_runs(members: Sequence[str], overrides: Sequence[str] = ()) -> list[PlannedRun]:
@@ -149,11 +169,18 @@ def planned_from_sweep(sweep_dir: Path) -> tuple[str, list[PlannedRun]]:
     task = [str(o) for o in OmegaConf.to_container(OmegaConf.load(multirun).hydra.overrides.task, resolve=False)]
     members = next((o.split("=", 1)[1].split(",") for o in task if o.startswith("+experiment=")), [])
     extra = [o for o in task if not o.startswith("+experiment=")]
-    return sweep_dir.name, plan_runs(members, extra) if members else []
+    if not members or any(split_preset(m) is None for m in members):
+        # Not a sweep of comparison presets: the table shows the runs found, without a plan.
+        return sweep_dir.name, []
+    return sweep_dir.name, plan_runs(members, extra)
 
 
 def build_outputs(sweep_dir: Path, out_dir: Path, planned: Sequence[PlannedRun], title: str, budgets: Sequence[int] | None) -> int:
-    rows, used_budgets = collect_comparison(sweep_dir, planned, budgets)
+    try:
+        rows, used_budgets = collect_comparison(sweep_dir, planned, budgets)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     paths = write_outputs(rows, used_budgets, out_dir, title)
     print((out_dir / "table.md").read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -191,9 +218,12 @@ def estimate(peak_tflops: float, mfu: float) -> str:
 
 def parse_budgets(text: str) -> list[int]:
     try:
-        return sorted(int(float(value)) for value in text.split(",") if value.strip())
+        budgets = sorted(int(float(value)) for value in text.split(",") if value.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--budgets {text!r}: give token counts separated by commas, e.g. 5e9,20e9") from None
+        budgets = []
+    if not budgets or budgets[0] <= 0:
+        raise argparse.ArgumentTypeError(f"invalid token budgets {text!r}: give positive token counts separated by commas, e.g. 5e9,20e9")
+    return budgets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.estimate:
+        if not 0 < args.mfu <= 1:
+            parser.error(f"invalid --mfu {args.mfu}: give a fraction in (0, 1], e.g. 0.4")
+        if args.peak_tflops <= 0:
+            parser.error(f"invalid --peak-tflops {args.peak_tflops}: give the GPU's peak in TFLOP/s, e.g. 989 for an H100 SXM")
         print(estimate(args.peak_tflops, args.mfu))
         return 0
 
@@ -222,10 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.sweep.is_dir():
                 print(f"error: SWEEP={args.sweep} is not a directory; pass a sweep directory such as sweeps/reproduce/{DEFAULT_PRESET}", file=sys.stderr)
                 return 2
+            # The outputs are named after the sweep, so they never replace those of another sweep.
+            name = args.sweep.resolve().name
             if args.preset:
-                name, planned = args.preset, plan_runs(family_members(args.preset), args.overrides)
+                planned = plan_runs(family_members(args.preset), args.overrides)
             else:
-                name, planned = planned_from_sweep(args.sweep)
+                _, planned = planned_from_sweep(args.sweep)
             out_dir = args.out or Path("results") / name
             return build_outputs(args.sweep, out_dir, planned, f"{name}: validation loss by optimizer", args.budgets)
 
@@ -242,10 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = sweep_command(members, sweep_dir, args.launcher, args.overrides)
     log.info("running %d presets (%s) in %s:\n  %s", len(members), ", ".join(members), sweep_dir, " ".join(command))
     returncode = subprocess.call(command)
-    build_outputs(sweep_dir, out_dir, planned, f"{name}: validation loss by optimizer", args.budgets)
+    built = build_outputs(sweep_dir, out_dir, planned, f"{name}: validation loss by optimizer", args.budgets)
     if returncode != 0:
         print(f"error: the sweep exited with status {returncode}; the table marks the runs that did not finish", file=sys.stderr)
-    return returncode
+    return returncode or built
 
 
 if __name__ == "__main__":

@@ -286,7 +286,15 @@ class Trainer:
         action = self.cfg.trainer.nonfinite
         if self.metrics is not None:
             # Recorded before stopping, so a results table can show the run as diverged.
-            self.metrics.write("nonfinite", step=step + 1, tokens=self.state.tokens, train_loss=loss.item(), grad_norm=grad_norm.item(), action=action)
+            self.metrics.write(
+                "nonfinite",
+                step=step + 1,
+                tokens=self.state.tokens,
+                train_loss=loss.item(),
+                grad_norm=grad_norm.item(),
+                action=action,
+                elapsed_s=self.state.elapsed_s,
+            )
         if action == "skip":
             self.state.skipped_steps += 1
             log.warning(
@@ -294,10 +302,14 @@ class Trainer:
                 step + 1, loss.item(), grad_norm.item(), self.state.skipped_steps,
             )
             return
+        latest = self.checkpoint_dir / LATEST_NAME
+        if latest.exists():
+            saved = f"stopped without saving, so {latest} still contains the last good state"
+        else:
+            saved = "stopped before the first checkpoint, so nothing was saved"
         raise NonFiniteError(
             f"step {step + 1}: loss {loss.item()}, gradient norm {grad_norm.item()} (last finite loss {last:.4f}); "
-            f"stopped without saving, so {self.checkpoint_dir / LATEST_NAME} still contains the last good state. "
-            "Lower optim.lr or set trainer.nonfinite=skip, then rerun to resume"
+            f"{saved}. Lower optim.lr or set trainer.nonfinite=skip, then rerun"
         )
 
     @torch.no_grad()

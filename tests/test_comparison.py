@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO_ROOT, compose_config
 from mars_m_exp import reproduce
-from mars_m_exp.comparison import PlannedRun, collect_comparison, default_budgets, loss_at_tokens, round_down, write_outputs
+from mars_m_exp.comparison import PlannedRun, collect_comparison, default_budgets, loss_at_tokens, write_outputs
 from mars_m_exp.config import grad_accum_steps, resolve_config
 from mars_m_exp.metrics import read_metrics
 
@@ -66,7 +66,7 @@ def sweep(tmp_path) -> Path:
     mars_m = sorted(evals({0: 10.8, 2: 6.0, 4: 5.0}) + trains({1: 9.0, 2: 7.0, 3: 6.0, 4: 5.5}), key=lambda r: (r["step"], r["event"] == "eval"))
     write_run(sweep_dir, "cpu_tiny_mars_m", "mars_m", mars_m, ["[INFO] - step 4/4 done"])
     adamw = evals({0: 10.8, 2: 7.0}) + trains({1: 9.5, 2: 8.0})
-    adamw.append({"event": "nonfinite", "step": 3, "tokens": 16, "train_loss": "nan", "grad_norm": "nan", "action": "stop"})
+    adamw.append({"event": "nonfinite", "step": 3, "tokens": 16, "train_loss": "nan", "grad_norm": "nan", "action": "stop", "elapsed_s": 1.5})
     write_run(sweep_dir, "cpu_tiny_adamw", "adamw", adamw, ["[ERROR] - step 3: loss nan, gradient norm nan"])
     return sweep_dir
 
@@ -80,9 +80,8 @@ def test_interpolates_the_loss_at_a_token_budget():
 
 
 def test_default_budgets_are_shares_of_the_longest_run():
-    # The paper presets: 100,000 steps of 480 x 1024 tokens.
-    assert default_budgets([100_000 * 491_520, None]) == [4_900_000_000, 19_000_000_000, 49_000_000_000]
-    assert round_down(163_840) == 160_000
+    # conf/paper/common.yaml: 100,000 steps of 480 x 1024 tokens.
+    assert default_budgets([100_000 * 491_520, None]) == [4_915_200_000, 19_660_800_000, 49_152_000_000]
     assert default_budgets([None]) == []
 
 
@@ -109,6 +108,7 @@ def test_rows_follow_metrics_and_mark_missing_and_diverged(sweep):
     assert adamw.status_text == "diverged at step 3"
     assert adamw.best_val_loss == 7.0
     assert adamw.val_at_budget[32] is None  # not reached
+    assert adamw.wall_time_s == 1.5  # from the nonfinite record, the run's last
 
     moonlight = by_optimizer["moonlight"]
     assert moonlight.status == "missing"
@@ -173,6 +173,21 @@ def test_running_run_shows_its_progress(tmp_path):
     assert rows[0].status_text == "running (2/4 steps)"
 
 
+def test_rebuild_of_two_runs_per_optimizer_fails_clearly(sweep, tmp_path, capsys):
+    other = sweep / "+experiment=cpu_tiny_mars_m,seed=1"
+    (sweep / "+experiment=cpu_tiny_mars_m").rename(other)
+    write_run(sweep, "cpu_tiny_mars_m", "mars_m", evals({0: 10.8}), [])
+
+    assert reproduce.main(["--sweep", str(sweep), "--out", str(tmp_path / "out")]) == 2
+    assert "two runs of tiny with mars_m" in capsys.readouterr().err
+
+
+def test_rows_ordered_by_model_size():
+    planned = [PlannedRun(f"owt_{m}_adamw", m, "adamw") for m in ("gpt2_large", "gpt2_medium", "gpt2_small")]
+    rows, _ = collect_comparison(None, planned)
+    assert [row.model for row in rows] == ["gpt2_small", "gpt2_medium", "gpt2_large"]
+
+
 def test_two_runs_of_one_optimizer_are_refused(sweep):
     other = sweep / "+experiment=cpu_tiny_mars_m,seed=1"
     (sweep / "+experiment=cpu_tiny_mars_m").rename(other)
@@ -216,12 +231,43 @@ def test_paper_presets_have_the_paper_setup(family):
         assert grad_accum_steps(480, cfg.trainer.micro_batch_size, 8) == accum_on_8
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_steps=-1", "invalid configuration of preset cpu_tiny_adamw: trainer.max_steps"),
+        ("trainer.max_step=6", "does not compose with the overrides trainer.max_step=6"),
+        ("seed=0,1", "Give each key one value"),
+    ],
+)
+def test_invalid_override_named_in_one_line(override, message, capsys):
+    assert reproduce.main([override]) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
+
+
 def test_unknown_preset_names_the_choices(capsys):
     assert reproduce.main(["--preset", "owt_gpt2_huge"]) == 2
     error = capsys.readouterr().err
     assert "PRESET='owt_gpt2_huge'" in error
     assert "owt_gpt2_small" in error
     assert "cpu_tiny" in error
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budgets", "0"], "invalid token budgets '0'"),
+        (["--budgets", "abc"], "invalid token budgets 'abc'"),
+        (["--estimate", "--mfu", "-1"], "invalid --mfu -1.0"),
+        (["--estimate", "--peak-tflops", "0"], "invalid --peak-tflops 0.0"),
+    ],
+)
+def test_invalid_option_rejected_before_running(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_missing_sweep_directory_fails_clearly(tmp_path, capsys):

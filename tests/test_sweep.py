@@ -68,6 +68,19 @@ def test_local_sweep_runs_each_point_and_rerun_resumes(tmp_path, corpus_cache):
     assert statuses == ["finished", "finished"]
 
 
+@pytest.mark.slow
+def test_failed_point_leaves_the_others_running(tmp_path, corpus_cache):
+    # The first point is invalid; Hydra still runs the second and reports the failure at the end.
+    command = sweep_command("+optim=mars_m", "optim.lr=-1,0.01", "trainer.max_steps=2", "trainer.eval_interval=100")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode != 0
+    assert "optim.lr" in result.stderr
+    (good,) = [p.parent for p in (tmp_path / "sweeps").glob("*/*/metrics.jsonl")]
+    assert "optim.lr=0.01" in good.name
+    assert train_steps(good) == [1, 2]
+
+
 @pytest.fixture
 def fake_wandb(monkeypatch):
     """Replace the wandb module with one that records the arguments of wandb.init."""
