@@ -70,9 +70,11 @@ def test_text_folder_split_into_chunks(tmp_path):
     stream = [t for d in documents for t in [EOT_TOKEN] + gpt2_encoding().encode_ordinary(d)]
     val_tokens = open_shard(out / "embedded_val_000000.bin").tolist()
     train_tokens = open_shard(out / "embedded_train_000000.bin").tolist()
-    assert len(stream) > 2 * SPLIT_CHUNK_TOKENS
-    assert val_tokens == stream[SPLIT_CHUNK_TOKENS : 2 * SPLIT_CHUNK_TOKENS]
-    assert train_tokens == stream[:SPLIT_CHUNK_TOKENS] + stream[2 * SPLIT_CHUNK_TOKENS :]
+    chunks = [stream[i : i + SPLIT_CHUNK_TOKENS] for i in range(0, len(stream), SPLIT_CHUNK_TOKENS)]
+    assert len(chunks) >= 4
+    # With val_fraction 0.5, every second chunk is held out.
+    assert val_tokens == [t for chunk in chunks[1::2] for t in chunk]
+    assert train_tokens == [t for chunk in chunks[0::2] for t in chunk]
 
 
 def test_text_too_short_for_validation_chunk(tmp_path):
