@@ -17,7 +17,7 @@ setup: ## Create .venv and install the project with its test tools
 	$(if $(TORCH),$(PIP) install "$(TORCH)")
 	$(PIP) install -e ".[dev]"
 
-test: ## Run the whole test suite (about 10 minutes on 2 CPU cores)
+test: ## Run the whole test suite (about 9 minutes on 2 CPU cores)
 	$(PYTHON) -m pytest
 
 test-fast: ## Run the tests without the slow end-to-end ones
@@ -27,7 +27,7 @@ quickstart: ## Train the tiny model with MARS-M on the embedded corpus (CPU, a f
 	$(PYTHON) -m mars_m_exp +model=tiny +optim=mars_m +experiment=quickstart
 
 # The comparison of MARS-M, Muon (Moonlight) and AdamW as one sweep, then its table and plots
-# in results/<preset>/. PRESET: cpu_tiny (the default, about 10 minutes on 2 CPU cores) or a
+# in results/<preset>/. PRESET: cpu_tiny (the default, about 8 minutes on 2 CPU cores) or a
 # paper run such as owt_gpt2_small (`python -m mars_m_exp.reproduce --help`); LAUNCHER: local,
 # slurm (one 8-GPU node per run) or slurm_cpu; SWEEP=DIR only rebuilds the outputs from the
 # runs in DIR; ARGS: Hydra overrides for every run.

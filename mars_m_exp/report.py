@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -380,5 +381,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run_command_line(main_function) -> None:
+    """Exit with the status of `main_function()`, quietly when the reader of stdout is gone.
+
+    Output piped into `head` would otherwise end in a BrokenPipeError traceback.
+    """
+    try:
+        status = main_function()
+        sys.stdout.flush()  # inside the try, so a closed pipe is handled here
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; pointing it at /dev/null keeps that flush quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command_line(main)

@@ -27,6 +27,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from .comparison import PlannedRun, collect_comparison, format_tokens, write_outputs
+from .report import run_command_line
 
 log = logging.getLogger(__name__)
 
@@ -285,4 +286,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command_line(main)

@@ -337,3 +337,14 @@ def test_reproduce_runs_the_cpu_family_end_to_end(tmp_path, corpus_cache):
     for row in rows.values():
         metrics = read_metrics(tmp_path / row["run_dir"] / "metrics.jsonl")
         assert [r["step"] for r in metrics if r["event"] == "eval"] == [0, 2, 4]
+
+
+def test_closed_output_pipe_ends_without_traceback():
+    # As in `python -m mars_m_exp.reproduce --estimate | head -n 1`, with the reader gone at once.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mars_m_exp.reproduce", "--estimate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT
+    )
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert b"Traceback" not in stderr
+    assert b"BrokenPipeError" not in stderr
