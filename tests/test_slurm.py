@@ -341,3 +341,18 @@ def test_cluster_script_up_is_idempotent(slurm_scheduler):
     assert "already running with the same config" in result.stdout
     # The same PIDs: nothing was restarted.
     assert daemon_status() == daemons_before
+
+
+def test_paper_preset_on_slurm_takes_one_gpu_node():
+    # What `make reproduce-table PRESET=owt_gpt2_small LAUNCHER=slurm` submits for each run.
+    from mars_m_exp.config import grad_accum_steps
+    from mars_m_exp.reproduce import LAUNCHERS
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=owt_gpt2_small_mars_m", *LAUNCHERS["slurm"]], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (1, 8, 8)
+    assert cfg.hardware.device == "cuda"
+    assert grad_accum_steps(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, 8) == 4
