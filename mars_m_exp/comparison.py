@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from omegaconf import OmegaConf
+
 from .metrics import read_metrics
 from .report import collect_runs
 
@@ -211,8 +213,6 @@ def _fill_row(row: ComparisonRow, run, run_dir: Path | None) -> None:
     if run_dir is None:
         return
     row.run_dir = run_dir
-    from omegaconf import OmegaConf
-
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         cfg = OmegaConf.load(config_path)
@@ -395,7 +395,7 @@ def _draw(ax, group: Sequence[ComparisonRow], kind: str) -> int:
     if kind == "zoom":
         longest = max((r.curves.val[-1][0] for r in group), default=0)
         start = longest * (1 - ZOOM_FRACTION)
-    shown: list[float] = []
+    visible_losses: list[float] = []
     for row in sorted(group, key=lambda r: _optimizer_key(r.optimizer)):
         points = [(t, loss) for t, loss, _ in row.curves.val if t >= start]
         if not points:
@@ -403,10 +403,10 @@ def _draw(ax, group: Sequence[ComparisonRow], kind: str) -> int:
         line = ax.plot(*zip(*points), marker=".", label=_label(row))[0]
         if row.status == "diverged":
             ax.plot(*points[-1], marker="x", markersize=10, color=line.get_color())
-        shown += [loss for _, loss in points]
+        visible_losses += [loss for _, loss in points]
         plotted += 1
-    if kind == "zoom" and shown:
-        low, high = min(shown), max(shown)
+    if kind == "zoom" and visible_losses:
+        low, high = min(visible_losses), max(visible_losses)
         margin = 0.05 * (high - low) or 0.01
         ax.set_ylim(low - margin, high + margin)
     ax.set_xlabel("tokens")

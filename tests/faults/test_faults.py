@@ -180,7 +180,7 @@ def test_nan_gradient_stops_with_step_and_last_loss(tmp_path, corpus_cache):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values())
-    # The metrics record the stop, which is how a results table tells a diverged run.
+    # The metrics record the stop, so a results table can mark the run as diverged.
     events = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "nonfinite"]
     assert [(r["step"], r["action"], r["grad_norm"]) for r in events] == [(3, "stop", "nan")]
 
