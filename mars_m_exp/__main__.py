@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, register_configs, resolve_config
+from .config import CONF_DIR, ConfigError, available_options, register_configs, resolve_config
 from .distributed import process_rank
 from .data.embedded import CorpusError
 from .data.shards import ShardError
@@ -20,13 +20,8 @@ from .data.tokenizer import TokenizerUnavailableError
 
 log = logging.getLogger("mars_m_exp")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Groups with no default: the user picks one with `+group=option`.
 REQUIRED_GROUPS = ("model", "optim")
-
-
-def available_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def check_required_groups(choices: dict) -> None:

@@ -133,6 +133,11 @@ def loss_at_tokens(val: Sequence[tuple[int, float, float]], budget: int) -> floa
     return None
 
 
+def run_tokens(cfg) -> int:
+    """Return the tokens a run trains on when it finishes: max_steps x global batch x block size."""
+    return int(cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.model.block_size)
+
+
 def default_budgets(planned_tokens: Iterable[int | None]) -> list[int]:
     """Return the budgets at DEFAULT_BUDGET_FRACTIONS of the longest planned run, in whole tokens."""
     planned = [t for t in planned_tokens if t]
@@ -215,8 +220,7 @@ def _fill_row(row: ComparisonRow, run, run_dir: Path | None) -> None:
     row.run_dir = run_dir
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
-        cfg = OmegaConf.load(config_path)
-        row.planned_tokens = int(cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.model.block_size)
+        row.planned_tokens = run_tokens(OmegaConf.load(config_path))
     curves, diverged_at, last = read_curves(run_dir / "metrics.jsonl")
     row.curves = curves
     if curves.val:

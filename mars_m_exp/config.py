@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -345,6 +346,15 @@ SCHEDULE_SCHEMAS = {
     "exp": ExpScheduleConfig,
     "constant": ConstantScheduleConfig,
 }
+
+
+# The repository's conf/ folder, which every entry point composes from.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def available_options(group: str) -> list[str]:
+    """Return the option names of config group `group`, from its YAML files."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def _lookup(key: str, table: DictConfig) -> Any:

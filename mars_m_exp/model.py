@@ -9,7 +9,8 @@ divided by (layer index + 1) as the MARS-M reference configs do.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,11 @@ class GPTConfig:
     vocab_size: int = 50304
     scale_attn_by_inverse_layer_idx: bool = True
     dropout: float = 0.0
+
+
+def gpt_config(model_cfg: Any) -> GPTConfig:
+    """Build a GPTConfig from the `model` node of a run's config, which has a few more keys (its name)."""
+    return GPTConfig(**{f.name: getattr(model_cfg, f.name) for f in fields(GPTConfig)})
 
 
 class LayerNorm(nn.Module):

@@ -26,12 +26,12 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from .comparison import PlannedRun, collect_comparison, format_tokens, write_outputs
+from .comparison import PlannedRun, collect_comparison, format_tokens, run_tokens, write_outputs
+from .config import CONF_DIR, available_options
 from .report import run_command_line
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_PRESET = "cpu_tiny"
 # Hydra overrides per launcher. `slurm` runs each preset on one 8-GPU node, as the released
 # MARS-M launch scripts do (torchrun --nproc_per_node=8).
@@ -50,13 +50,9 @@ class PresetError(ValueError):
     pass
 
 
-def optimizer_names() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "optim").glob("*.yaml"))
-
-
 def split_preset(name: str) -> tuple[str, str] | None:
     """Split `owt_gpt2_small_mars_m` into its family and optimizer; None when it is no comparison preset."""
-    for optimizer in sorted(optimizer_names(), key=len, reverse=True):
+    for optimizer in sorted(available_options("optim"), key=len, reverse=True):
         if name.endswith("_" + optimizer) and len(name) > len(optimizer) + 1:
             return name[: -len(optimizer) - 1], optimizer
     return None
@@ -122,8 +118,7 @@ def plan_runs(members: Sequence[str], overrides: Sequence[str] = ()) -> list[Pla
     planned = []
     for name in members:
         cfg = compose_preset(name, overrides)
-        tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.model.block_size
-        planned.append(PlannedRun(preset=name, model=cfg.model.name, optimizer=cfg.optim.name, planned_tokens=tokens))
+        planned.append(PlannedRun(preset=name, model=cfg.model.name, optimizer=cfg.optim.name, planned_tokens=run_tokens(cfg)))
     return planned
 
 
@@ -162,18 +157,18 @@ def sweep_command(members: Sequence[str], sweep_dir: Path, launcher: str, overri
     ]
 
 
-def planned_from_sweep(sweep_dir: Path) -> tuple[str, list[PlannedRun]]:
-    """Read the presets and overrides of a sweep that reproduce launched, from its multirun.yaml."""
+def planned_from_sweep(sweep_dir: Path) -> list[PlannedRun]:
+    """Plan the runs of a sweep that reproduce launched, from the presets and overrides in its multirun.yaml."""
     multirun = sweep_dir / "multirun.yaml"
     if not multirun.is_file():
-        return sweep_dir.name, []
+        return []
     task = [str(o) for o in OmegaConf.to_container(OmegaConf.load(multirun).hydra.overrides.task, resolve=False)]
     members = next((o.split("=", 1)[1].split(",") for o in task if o.startswith("+experiment=")), [])
     extra = [o for o in task if not o.startswith("+experiment=")]
     if not members or any(split_preset(m) is None for m in members):
         # Not a sweep of comparison presets: the table shows the runs found, without a plan.
-        return sweep_dir.name, []
-    return sweep_dir.name, plan_runs(members, extra)
+        return []
+    return plan_runs(members, extra)
 
 
 def build_outputs(sweep_dir: Path, out_dir: Path, planned: Sequence[PlannedRun], title: str, budgets: Sequence[int] | None) -> int:
@@ -192,7 +187,7 @@ def estimate(peak_tflops: float, mfu: float) -> str:
     """GPU-hours of every paper preset from its token count, FLOPs per token and an assumed MFU."""
     import torch
 
-    from .model import GPT, GPTConfig
+    from .model import GPT, gpt_config
 
     lines = [
         f"GPU-hours per run at {mfu:.0%} MFU of {peak_tflops:g} TFLOP/s per GPU (bf16 dense):",
@@ -204,10 +199,9 @@ def estimate(peak_tflops: float, mfu: float) -> str:
         if family == DEFAULT_PRESET:
             continue
         cfg = compose_preset(members[0])
-        fields = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "scale_attn_by_inverse_layer_idx")
         with torch.device("meta"):
-            model = GPT(GPTConfig(**{key: getattr(cfg.model, key) for key in fields}))
-        tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.model.block_size
+            model = GPT(gpt_config(cfg.model))
+        tokens = run_tokens(cfg)
         hours = model.flops_per_token() * tokens / (mfu * peak_tflops * 1e12) / 3600
         lines.append(
             f"| {family} | {cfg.model.name} | {format_tokens(tokens)} | {model.flops_per_token() / 1e9:.2f} "
@@ -262,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.preset:
                 planned = plan_runs(family_members(args.preset), args.overrides)
             else:
-                _, planned = planned_from_sweep(args.sweep)
+                planned = planned_from_sweep(args.sweep)
             out_dir = args.out or Path("results") / name
             return build_outputs(args.sweep, out_dir, planned, f"{name}: validation loss by optimizer", args.budgets)
 

@@ -20,7 +20,7 @@ from .config import Config, ConfigError, grad_accum_steps
 from .data import build_data, prepare_data
 from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, peak_flops, start_wandb
-from .model import GPT, GPTConfig
+from .model import GPT, gpt_config
 from .optim import build_optimizer
 from .plots import plot_losses
 from .schedule import lr_at
@@ -138,8 +138,7 @@ class Trainer:
             launch_dir=launch_dir,
         )
 
-        model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
-        self.raw_model = GPT(GPTConfig(**{k: getattr(cfg.model, k) for k in model_fields})).to(self.device)
+        self.raw_model = GPT(gpt_config(cfg.model)).to(self.device)
         self.optimizer = build_optimizer(cfg.optim, self.raw_model, self.device.type)
 
         compile_model = trainer_cfg.compile
